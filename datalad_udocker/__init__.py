@@ -1,0 +1,18 @@
+"""datalad-udocker: container images from OCI registries, versioned in
+DataLad datasets (layers in git-annex with registry URLs) and run with
+udocker without root or a daemon.
+
+Data path: registry -> ``registry/`` (client) -> ``store`` (OCI layout +
+annex keys) -> ``udocker_repo`` / ``runtime`` (udocker) -> process;
+``docker_archive`` / ``export`` for ``docker load``.
+"""
+
+__version__ = "0.1.0"
+
+command_suite = (
+    "Container images from OCI registries, run with udocker",
+    [
+        ("datalad_udocker.commands.import_image", "UdockerImport",
+         "udocker-import", "udocker_import"),
+    ],
+)

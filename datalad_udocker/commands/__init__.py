@@ -1,0 +1,1 @@
+"""Thin DataLad command classes: parameters, one call, result records."""
