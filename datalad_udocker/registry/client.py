@@ -1,0 +1,350 @@
+"""Read images from an OCI distribution registry: manifests, configs, blobs.
+
+:class:`RegistryClient` resolves a reference to one platform's manifest
+(verifying every byte against its digest) and streams layer blobs to disk
+with on-the-fly verification and ``Range`` resume.  All HTTP concerns
+(authentication, retries, redirects) live in :mod:`.transport`.
+
+Blob URLs (``{scheme}://{host}/v2/{repository}/blobs/{digest}``) are what an
+import registers in git-annex; :func:`parse_blob_url` and
+:meth:`RegistryClient.for_url` turn one back into a client and a token scope.
+"""
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Tuple, Union
+
+import requests
+import urllib3
+
+from .. import oci
+from ..digest import CHUNK, VerifyingWriter, sha256_digest
+from ..errors import (DigestMismatch, NotFoundError, PlatformNotFound,
+                      RegistryError, UdockerError, UnsupportedMediaType)
+from ..reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback_host
+from . import credentials as _credentials
+from .transport import Transport, redact_url
+
+lgr = logging.getLogger("datalad.udocker.registry.client")
+
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_SMALL_BLOB_BYTES = 16 << 20
+_BLOB_URL_RE = re.compile(
+    r"^(https?://[^/?#]+)/v2/((?:[^/?#]+/)*[^/?#]+)/blobs/(sha256:[0-9a-f]{64})$")
+_LOOKUP = object()   # "credentials not given": look them up
+# failures while a response body streams in (after the headers arrived)
+_STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError,
+                  ConnectionError, TimeoutError)
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """What a tag or digest points to, narrowed to one platform.
+
+    ``top`` is the manifest or index as served for the reference,
+    ``manifest`` the chosen platform's image manifest, ``platform`` the
+    index entry's platform (None when the reference is a single manifest)
+    and ``config_raw`` the verified config blob.
+    """
+
+    top: Union[oci.Manifest, oci.Index]
+    manifest: oci.Manifest
+    platform: Optional[oci.Platform]
+    config_raw: bytes
+
+
+def parse_blob_url(url) -> Tuple[str, str, str]:
+    """(base_url, repository, digest) of a registry blob URL.
+
+    ``http://127.0.0.1:5000/v2/test/x/blobs/sha256:ab..`` ->
+    ``("http://127.0.0.1:5000", "test/x", "sha256:ab..")``.
+    """
+    m = _BLOB_URL_RE.match(url or "")
+    if not m:
+        raise UdockerError("not a registry blob URL: %s" % redact_url(url))
+    return m.group(1), m.group(2), m.group(3)
+
+
+def pull_scope(repository):
+    return "repository:%s:pull" % repository
+
+
+def _read_limited(resp, limit, what):
+    """The body of ``resp``, refusing more than ``limit`` bytes."""
+    with resp:
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise UdockerError("%s is %s bytes, more than the %d accepted"
+                               % (what, declared, limit))
+        data = bytearray()
+        for chunk in resp.iter_content(CHUNK):
+            data += chunk
+            if len(data) > limit:
+                raise UdockerError("%s is larger than the %d bytes accepted"
+                                   % (what, limit))
+        return bytes(data)
+
+
+class RegistryClient:
+    """A reader for one registry (``registry_host`` as in a reference).
+
+    Plain http is used for loopback hosts and hosts listed in
+    ``insecure_registries``, https otherwise.  ``credentials`` defaults to
+    :func:`.credentials.lookup` for the host; pass None for anonymous
+    access.  ``retries``, ``backoff`` and ``max_wait`` tune
+    :class:`.transport.Transport`.
+    """
+
+    def __init__(self, registry_host, insecure_registries: Iterable[str] = (),
+                 credentials=_LOOKUP, retries=5, backoff=0.5, max_wait=30.0,
+                 timeout=(15.0, 120.0)):
+        self.registry = registry_host
+        self.api_host = (DOCKER_HUB_API if registry_host == DOCKER_HUB
+                         else registry_host)
+        insecure = set(insecure_registries or ())
+        plain = (is_loopback_host(self.api_host) or registry_host in insecure
+                 or self.api_host in insecure)
+        self.scheme = "http" if plain else "https"
+        self.base_url = "%s://%s" % (self.scheme, self.api_host)
+        if credentials is _LOOKUP:
+            credentials = _credentials.lookup(registry_host)
+        self.retries, self.backoff = retries, backoff
+        self.transport = Transport(self.base_url, credentials, retries=retries,
+                                   backoff=backoff, max_wait=max_wait,
+                                   timeout=timeout)
+
+    @classmethod
+    def for_url(cls, url, insecure_registries: Iterable[str] = (), **kwargs):
+        """A client for the registry a blob URL points to."""
+        base_url, _, _ = parse_blob_url(url)
+        return cls(base_url.split("://", 1)[1], insecure_registries, **kwargs)
+
+    def __repr__(self):
+        return "RegistryClient(%s)" % self.base_url
+
+    # -- URLs -----------------------------------------------------------
+    def blob_url(self, repository, digest) -> str:
+        return "%s/v2/%s/blobs/%s" % (self.base_url, repository, digest)
+
+    def manifest_url(self, repository, reference) -> str:
+        return "%s/v2/%s/manifests/%s" % (self.base_url, repository, reference)
+
+    def _check_url(self, url):
+        base_url, repository, digest = parse_blob_url(url)
+        if base_url != self.base_url:
+            raise UdockerError(
+                "blob URL %s is not on registry %s (an http URL for a remote "
+                "host needs it in datalad.udocker.insecure-registries)"
+                % (redact_url(url), self.base_url))
+        return repository, digest
+
+    # -- manifests ------------------------------------------------------
+    def get_manifest(self, repository, reference, expected_digest=None
+                     ) -> Union[oci.Manifest, oci.Index]:
+        """The manifest or index ``reference`` (tag or digest) names, verified.
+
+        The bytes are checked against ``expected_digest``, the reference
+        itself when it is a digest, and the ``Docker-Content-Digest`` header.
+        """
+        url = self.manifest_url(repository, reference)
+        what = "%s/%s:%s" % (self.registry, repository, reference)
+        try:
+            resp = self.transport.request(
+                "GET", url, headers={"Accept": oci.ACCEPT},
+                scope=pull_scope(repository), stream=True)
+        except NotFoundError as exc:
+            raise NotFoundError(
+                "image %s not found (%s); check the image name and tag"
+                % (what, ", ".join(exc.codes) or "HTTP %s" % exc.status),
+                status=exc.status, codes=exc.codes, url=exc.url) from None
+        declared = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        served = resp.headers.get("Docker-Content-Digest", "")
+        raw = _read_limited(resp, MAX_MANIFEST_BYTES, "manifest " + what)
+        actual = sha256_digest(raw)
+        for expected in (expected_digest,
+                         reference if reference.startswith("sha256:") else None,
+                         served if served.startswith("sha256:") else None):
+            if expected and expected != actual:
+                raise DigestMismatch(
+                    "manifest %s has digest %s, expected %s; the registry or "
+                    "a proxy served wrong bytes" % (what, actual, expected))
+        return oci.parse_manifest(raw, declared or None)
+
+    def resolve(self, ref: Reference, platform: Optional[oci.Platform] = None
+                ) -> ResolvedImage:
+        """Resolve ``ref`` to one platform's manifest and its verified config.
+
+        An index is narrowed to ``platform`` (default: this host's); a single
+        manifest must match an explicitly requested platform.
+        """
+        repo = ref.repository
+        top = self.get_manifest(repo, ref.reference, expected_digest=ref.digest)
+        chosen = None
+        if isinstance(top, oci.Index):
+            entry = top.select(platform or oci.host_platform())
+            manifest = self.get_manifest(repo, entry.digest,
+                                         expected_digest=entry.digest)
+            if not isinstance(manifest, oci.Manifest):
+                raise UnsupportedMediaType(
+                    "index %s points to another index for %s: nested indexes "
+                    "are not supported" % (ref, entry.platform))
+            chosen = entry.platform
+        else:
+            manifest = top
+        config_raw = self.get_blob_bytes(repo, manifest.config)
+        if chosen is None and platform is not None:
+            self._check_single_platform(ref, platform, config_raw)
+        oci.check_layers_supported(manifest)
+        return ResolvedImage(top, manifest, chosen, config_raw)
+
+    @staticmethod
+    def _check_single_platform(ref, wanted, config_raw):
+        try:
+            config = json.loads(config_raw)
+            have = oci.Platform(config.get("os", ""),
+                                config.get("architecture", ""),
+                                config.get("variant") or None)
+        except (ValueError, AttributeError):
+            raise UnsupportedMediaType("image config of %s is not a JSON "
+                                       "object" % ref) from None
+        if not wanted.matches(have):
+            raise PlatformNotFound(
+                "no image for platform %s; %s is a single-platform image for "
+                "%s (drop --platform or choose %s)" % (wanted, ref, have, have))
+
+    # -- blobs ----------------------------------------------------------
+    def get_blob_bytes(self, repository, descriptor: oci.Descriptor) -> bytes:
+        """A small blob (e.g. an image config) in memory, verified."""
+        if descriptor.size > MAX_SMALL_BLOB_BYTES:
+            raise UdockerError(
+                "blob %s is %d bytes, too large to hold in memory (limit %d)"
+                % (descriptor.digest, descriptor.size, MAX_SMALL_BLOB_BYTES))
+        resp = self.transport.request(
+            "GET", self.blob_url(repository, descriptor.digest),
+            headers={"Accept-Encoding": "identity"},
+            scope=pull_scope(repository), stream=True)
+        data = _read_limited(resp, descriptor.size,
+                             "blob %s" % descriptor.digest)
+        if len(data) != descriptor.size or sha256_digest(data) != descriptor.digest:
+            raise DigestMismatch(
+                "blob %s failed verification (%d of %d bytes, digest %s); the "
+                "registry or a proxy served wrong bytes" % (
+                    descriptor.digest, len(data), descriptor.size,
+                    sha256_digest(data)))
+        return data
+
+    def blob_exists(self, url) -> bool:
+        """Does the registry have the blob at ``url`` (a HEAD request)?"""
+        repository, _ = self._check_url(url)
+        try:
+            resp = self.transport.request("HEAD", url,
+                                          scope=pull_scope(repository))
+        except NotFoundError:
+            return False
+        resp.close()
+        return True
+
+    def download_blob(self, url, digest, size, dest_path,
+                      progress: Optional[Progress] = None) -> None:
+        """Stream the blob at ``url`` into ``dest_path``, verified.
+
+        Bytes are hashed as they arrive (~1 MiB at a time).  An existing
+        partial ``dest_path`` is resumed with ``Range: bytes=N-``, and so is
+        a connection dropped mid-body; a server that answers 200 to a Range
+        request is read from the start again.  On DigestMismatch the file is
+        deleted (after one fresh attempt if a pre-existing partial file was
+        resumed).  ``progress(n)`` is called with each count of new bytes
+        (bytes found in a partial file are reported once, at the start).
+        """
+        repository, url_digest = self._check_url(url)
+        if url_digest != digest:
+            raise UdockerError("blob URL %s does not name digest %s"
+                               % (redact_url(url), digest))
+        resumed = os.path.exists(dest_path) and os.path.getsize(dest_path) > 0
+        try:
+            self._download(url, repository, digest, size, dest_path, progress)
+        except DigestMismatch:
+            _unlink(dest_path)
+            if not resumed:
+                raise
+            lgr.debug("resumed download of %s failed verification; "
+                      "starting over", digest)
+            try:
+                self._download(url, repository, digest, size, dest_path, None)
+            except DigestMismatch:
+                _unlink(dest_path)
+                raise
+
+    def _download(self, url, repository, digest, size, dest_path, progress):
+        reported = 0
+
+        def report(written):
+            nonlocal reported
+            if progress is not None and written > reported:
+                progress(written - reported)
+            reported = max(reported, written)
+
+        writer = VerifyingWriter(dest_path, digest, size)
+        try:
+            report(writer.written)
+            failures = 0
+            while writer.written < size:
+                start = writer.written
+                headers = {"Accept-Encoding": "identity"}
+                if start:
+                    headers["Range"] = "bytes=%d-" % start
+                resp = self.transport.request("GET", url, headers=headers,
+                                              scope=pull_scope(repository),
+                                              stream=True)
+                try:
+                    if start and not _continues_at(resp, start):
+                        lgr.debug("%s ignored Range (HTTP %d), restarting "
+                                  "at 0", redact_url(url), resp.status_code)
+                        writer.close()
+                        open(dest_path, "wb").close()
+                        writer = VerifyingWriter(dest_path, digest, size)
+                        if resp.status_code != 200:
+                            continue     # a range we did not ask for
+                    for chunk in resp.raw.stream(CHUNK, decode_content=False):
+                        writer.write(chunk)
+                        report(writer.written)
+                except _STREAM_ERRORS as exc:
+                    failures = 0 if writer.written > start else failures + 1
+                    if failures > self.retries:
+                        raise RegistryError(
+                            "download of %s from %s keeps failing (%s)" % (
+                                digest, redact_url(url), type(exc).__name__),
+                            url=redact_url(url), temporary=True) from None
+                    lgr.debug("download of %s interrupted at %d bytes (%s); "
+                              "resuming", digest, writer.written,
+                              type(exc).__name__)
+                    time.sleep(self.transport.delay(failures))
+                    continue
+                finally:
+                    resp.close()
+                if writer.written == start:
+                    # a clean, empty answer: do not loop forever
+                    break
+            writer.verify()
+        finally:
+            writer.close()
+
+
+def _continues_at(resp, start):
+    """Does this response carry the bytes from offset ``start`` on?"""
+    if resp.status_code != 206:
+        return False
+    m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+    return bool(m) and int(m.group(1)) == start
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
