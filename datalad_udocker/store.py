@@ -122,7 +122,8 @@ def _already_stored(ds, layout_dir, image, name, relpath):
 def _dirty(ds, layout_dir):
     out = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=all", "--",
-         str(layout_dir)], cwd=ds.path, stdout=subprocess.PIPE, text=True)
+         str(layout_dir)], cwd=ds.path, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
     return bool(out.stdout.strip())
 
 
