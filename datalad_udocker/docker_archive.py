@@ -1,0 +1,449 @@
+"""The docker-save tar format: written as a stream, read safely.
+
+This is the only module that knows what ``docker save`` / ``docker load``
+tarballs look like.  Two flavours exist and both are read:
+
+classic (Docker < 25)
+    ``manifest.json`` (a list of ``{"Config", "RepoTags", "Layers"}``),
+    ``<image-id>.json`` (the config), ``<layer-id>/layer.tar`` (uncompressed
+    layers, possibly symlinks to one another) and ``repositories``.
+OCI layout (Docker >= 25)
+    the same ``manifest.json`` and ``repositories`` next to ``oci-layout``,
+    ``index.json`` and ``blobs/sha256/<hex>`` for config, manifests and
+    layers.  A tar with only ``index.json`` (an ``oci-archive``) is handed to
+    :mod:`.oci_archive`.
+
+Writing (:func:`write_archive`) produces the second flavour in one pass
+through ``tarfile`` in stream mode (``w|``): layers go in exactly as they are
+stored (compressed registry blobs; ``docker load`` decompresses them), so an
+export can go to a pipe.  With ``fmt="oci-archive"`` only the OCI layout part
+is written.
+
+Reading never extracts anything: :class:`TarReader` indexes the members,
+refuses absolute paths, ``..`` components, device nodes and FIFOs, links that
+leave the archive, duplicate names, and truncated or corrupt tars, then hands
+out members by name.  Digests and diff_ids are checked by
+:mod:`.archive_source`.
+"""
+import hashlib
+import io
+import json
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from . import oci
+from .digest import CHUNK
+from .errors import (ArchiveError, DigestMismatch, InvalidReference,
+                     UdockerError)
+from .reference import parse_reference
+
+HEX_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+MAX_JSON = 64 << 20          # refuse absurd JSON members (manifest, config)
+ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
+
+
+# --- the image an archive (or OCI directory) holds ------------------------
+
+@dataclass
+class ArchiveLayer:
+    """One layer as found in an archive: where its bytes are, what they are."""
+    member: str                       # path inside the archive / directory
+    diff_id: str                      # sha256 of the uncompressed tar (config)
+    size: Optional[int] = None        # bytes stored (None: member size)
+    digest: Optional[str] = None      # sha256 of the stored bytes, if declared
+    media_type: Optional[str] = None  # declared media type, if any
+
+
+@dataclass
+class ArchiveImage:
+    """What a reader found: config bytes, layers, names, provenance hints."""
+    config_raw: bytes
+    layers: List[ArchiveLayer]
+    repo_tags: List[str] = field(default_factory=list)
+    manifest: Optional[oci.Manifest] = None   # the stored manifest, if any
+    annotations: Dict[str, str] = field(default_factory=dict)
+    repo_digests: List[str] = field(default_factory=list)
+
+    @property
+    def config(self):
+        return json.loads(self.config_raw)
+
+
+# --- safe reading ---------------------------------------------------------
+
+def _normalize(name, what="member"):
+    """Archive-relative POSIX path, or ArchiveError if it is unsafe."""
+    if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
+        raise ArchiveError("unsafe archive: %s %r is an absolute path"
+                           % (what, name))
+    if "\\" in name or "\x00" in name:
+        raise ArchiveError("unsafe archive: %s %r has a backslash or NUL"
+                           % (what, name))
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ArchiveError("unsafe archive: %s %r leaves the archive (..)"
+                           % (what, name))
+    return "/".join(parts)
+
+
+class TarReader:
+    """Random read access to the members of a tar file, checked for safety."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            self._tar = tarfile.open(self.path, "r:*")
+            infos = self._tar.getmembers()
+        except FileNotFoundError:
+            raise ArchiveError("archive %s does not exist" % self.path)
+        except IsADirectoryError:
+            raise ArchiveError("%s is a directory, not an archive (use "
+                               "oci:DIR for an OCI layout)" % self.path)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise ArchiveError("%s is not a readable tar archive (truncated "
+                               "or corrupt?): %s" % (self.path, exc))
+        self._members = {}
+        for info in infos:
+            name = _normalize(info.name)
+            if info.isdir():
+                continue
+            if not (info.isreg() or info.issym() or info.islnk()):
+                raise ArchiveError(
+                    "unsafe archive %s: member %r is a device node, FIFO or "
+                    "other special file" % (self.path, info.name))
+            if name in self._members:
+                raise ArchiveError("ambiguous archive %s: member %r appears "
+                                   "twice" % (self.path, name))
+            if info.issym():
+                target = info.linkname
+                if target.startswith("/"):
+                    raise ArchiveError("unsafe archive %s: symlink %r points "
+                                       "to an absolute path" % (self.path, name))
+                _normalize(posixpath.join(posixpath.dirname(name), target),
+                           "symlink %r target" % name)
+            elif info.islnk():
+                _normalize(info.linkname, "hard link %r target" % name)
+            self._members[name] = info
+
+    def close(self):
+        self._tar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _resolve(self, name):
+        name = _normalize(name)
+        for _ in range(16):
+            info = self._members.get(name)
+            if info is None:
+                return None
+            if info.isreg():
+                return info
+            if info.issym():
+                name = _normalize(posixpath.join(posixpath.dirname(name),
+                                                 info.linkname))
+            else:
+                name = _normalize(info.linkname)
+        raise ArchiveError("archive %s: too many levels of links at %r"
+                           % (self.path, name))
+
+    def exists(self, name):
+        return self._resolve(name) is not None
+
+    def size(self, name):
+        return self._info(name).size
+
+    def _info(self, name):
+        info = self._resolve(name)
+        if info is None:
+            raise ArchiveError("archive %s refers to %r, which it does not "
+                               "contain" % (self.path, name))
+        return info
+
+    def open(self, name):
+        """A binary file object reading member ``name`` (links followed)."""
+        return _CheckedReader(self._tar.extractfile(self._info(name)),
+                              self.path, name)
+
+    def read(self, name, limit=MAX_JSON):
+        info = self._info(name)
+        if info.size > limit:
+            raise ArchiveError("archive %s: %r is too large (%d bytes)"
+                               % (self.path, name, info.size))
+        with self.open(name) as f:
+            return f.read()
+
+    def read_json(self, name):
+        return _loads(self.read(name), "%s in %s" % (name, self.path))
+
+
+class _CheckedReader(io.RawIOBase):
+    """Turn tarfile's errors on short data into ArchiveError."""
+
+    def __init__(self, f, path, name):
+        self._f, self._where = f, "%s in %s" % (name, path)
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        try:
+            return self._f.read(n)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ArchiveError("cannot read %s (truncated or corrupt "
+                               "archive?): %s" % (self._where, exc))
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+def _loads(raw, where):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ArchiveError("%s is not valid JSON" % where)
+
+
+def check_digest(digest, where):
+    if not isinstance(digest, str) or not HEX_DIGEST_RE.match(digest):
+        raise ArchiveError("%s: unsupported or malformed digest %r (only "
+                           "sha256 is supported)" % (where, digest))
+    return digest
+
+
+# --- choosing an image by name -------------------------------------------
+
+def normalize_name(name):
+    """``busybox`` -> ``docker.io/library/busybox:latest``; None if invalid."""
+    try:
+        ref = parse_reference(name)
+    except InvalidReference:
+        return None
+    return "%s/%s:%s" % (ref.registry, ref.repository, ref.tag or "latest")
+
+
+def choose(entries, wanted, names_of, where):
+    """The one entry whose names include ``wanted`` (or the only entry)."""
+    if wanted:
+        key = normalize_name(wanted) or wanted
+        hits = [e for e in entries
+                if key in {normalize_name(n) or n for n in names_of(e)}]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise ArchiveError("%s holds no image named %s; it holds: %s"
+                               % (where, wanted, _listing(entries, names_of)))
+        raise ArchiveError("%s holds several images named %s" % (where, wanted))
+    if len(entries) == 1:
+        return entries[0]
+    if not entries:
+        raise ArchiveError("%s holds no image" % where)
+    raise ArchiveError("%s holds %d images; choose one by appending :NAME:TAG "
+                       "to the source (%s)" % (where, len(entries),
+                                               _listing(entries, names_of)))
+
+
+def _listing(entries, names_of):
+    out = []
+    for i, e in enumerate(entries):
+        names = names_of(e)
+        out.append(", ".join(names) if names else "untagged image #%d" % (i + 1))
+    return "; ".join(out) or "nothing"
+
+
+# --- reading docker-save archives ----------------------------------------
+
+def read_docker_archive(reader, wanted=None):
+    """Parse the docker-save archive behind ``reader`` into an ArchiveImage.
+
+    ``wanted`` is a ``name:tag`` choosing among several images.  Archives
+    without ``manifest.json`` but with ``index.json`` are read as OCI layouts.
+    """
+    where = "archive %s" % reader.path
+    if not reader.exists("manifest.json"):
+        if reader.exists("index.json"):
+            from .oci_archive import read_oci_layout
+            return read_oci_layout(reader, wanted)
+        raise ArchiveError("%s is not a docker-save archive (no manifest.json "
+                           "or index.json)" % reader.path)
+    entries = reader.read_json("manifest.json")
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("Config"), str)
+            and isinstance(e.get("Layers"), list) for e in entries):
+        raise ArchiveError("%s: manifest.json is malformed (expected a list "
+                           "of {Config, RepoTags, Layers})" % where)
+    entry = choose(entries, wanted, lambda e: list(e.get("RepoTags") or []),
+                   where)
+    config_raw = reader.read(entry["Config"])
+    config = _loads(config_raw, "%s: config %s" % (where, entry["Config"]))
+    if not isinstance(config, dict):
+        raise ArchiveError("%s: config %s is not a JSON object"
+                           % (where, entry["Config"]))
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    if len(diff_ids) != len(entry["Layers"]):
+        raise ArchiveError("%s: config lists %d diff_ids but manifest.json "
+                           "%d layers" % (where, len(diff_ids),
+                                          len(entry["Layers"])))
+    config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+    named = re.match(r"^(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?$",
+                     _normalize(entry["Config"]))
+    if named and named.group(1) != config_digest.split(":", 1)[1]:
+        raise ArchiveError("%s: config %s does not hash to its name (corrupt "
+                           "archive)" % (where, entry["Config"]))
+    manifest, annotations = _indexed_manifest(reader, config_digest)
+    declared = {l.digest: l for l in manifest.layers} if manifest else {}
+    layers = []
+    for member, diff_id in zip(entry["Layers"], diff_ids):
+        check_digest(diff_id, "%s: config diff_id" % where)
+        if not isinstance(member, str) or not reader.exists(member):
+            raise ArchiveError("%s: manifest.json refers to layer %s, which "
+                               "the archive does not contain" % (where, member))
+        layer = ArchiveLayer(_normalize(member), diff_id,
+                             size=reader.size(member))
+        m = re.match(r"^blobs/sha256/([0-9a-f]{64})$", layer.member)
+        if m:   # Docker >= 25: the blob's name is its digest (verified later)
+            layer.digest = "sha256:" + m.group(1)
+            if layer.digest in declared:
+                layer.media_type = declared[layer.digest].media_type
+        layers.append(layer)
+    if manifest and [l.digest for l in manifest.layers] != [
+            l.digest for l in layers]:
+        manifest = None
+    return ArchiveImage(config_raw, layers, list(entry.get("RepoTags") or []),
+                        manifest, annotations,
+                        list(entry.get("RepoDigests") or []))
+
+
+def _indexed_manifest(reader, config_digest):
+    """``(manifest, annotations)`` index.json gives for this config, if any.
+
+    Docker >= 25 archives (and our exports) carry an OCI index next to
+    manifest.json; its entry for the image keeps the original manifest (so
+    an exported image re-imports under the same digest) and annotations
+    naming the source.
+    """
+    if not reader.exists("index.json"):
+        return None, {}
+    index = reader.read_json("index.json")
+    for entry in (index.get("manifests") or []) if isinstance(index, dict) \
+            else []:
+        try:
+            desc = oci.Descriptor.from_dict(entry)
+            check_digest(desc.digest, "index.json")
+            blob = "blobs/sha256/" + desc.hex
+            if not reader.exists(blob):
+                continue
+            parsed = oci.parse_manifest(reader.read(blob), desc.media_type,
+                                        desc.digest)
+        except (KeyError, TypeError, ValueError, UdockerError):
+            continue
+        if isinstance(parsed, oci.Manifest) and \
+                parsed.config.digest == config_digest:
+            return parsed, dict(desc.annotations)
+    return None, {}
+
+
+# --- writing --------------------------------------------------------------
+
+def _tarinfo(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _add_bytes(tar, name, data):
+    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+
+
+class _HashingReader:
+    def __init__(self, f):
+        self._f, self._h, self.count = f, hashlib.sha256(), 0
+
+    def read(self, n=-1):
+        data = self._f.read(n if n and n > 0 else CHUNK)
+        self._h.update(data)
+        self.count += len(data)
+        return data
+
+    @property
+    def digest(self):
+        return "sha256:" + self._h.hexdigest()
+
+
+def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
+                  annotations=None, fmt="docker-archive"):
+    """Write one image as a tar stream to the binary file object ``out``.
+
+    ``manifest`` is the stored oci.Manifest, ``config_raw`` its config bytes,
+    ``layer_paths`` maps each layer digest to a readable file holding exactly
+    those bytes (checked as they stream: DigestMismatch at the first wrong
+    layer).  ``repo_tags`` become ``RepoTags`` (docker-archive) and the
+    index's ``ref.name`` (oci-archive).
+    """
+    if fmt not in ("docker-archive", "oci-archive"):
+        raise ArchiveError("unknown archive format %r (docker-archive or "
+                           "oci-archive)" % fmt)
+    blob = "blobs/sha256/%s".__mod__
+    index_entry = oci.Descriptor(manifest.media_type, manifest.digest,
+                                 len(manifest.raw),
+                                 annotations=dict(annotations or {}))
+    if repo_tags:
+        index_entry.annotations.setdefault(ANNOTATION_CONTAINERD_NAME,
+                                           normalize_name(repo_tags[0])
+                                           or repo_tags[0])
+        index_entry.annotations[oci.ANNOTATION_REF_NAME] = \
+            repo_tags[0].rpartition(":")[2]
+    index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
+             "manifests": [index_entry.to_dict()]}
+    tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
+    try:
+        _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        _add_bytes(tar, blob(manifest.config.hex), config_raw)
+        _add_bytes(tar, blob(manifest.digest.split(":", 1)[1]), manifest.raw)
+        seen = set()
+        for layer in manifest.layers:
+            if layer.digest in seen:
+                continue
+            seen.add(layer.digest)
+            with open(layer_paths[layer.digest], "rb") as f:
+                reader = _HashingReader(f)
+                try:
+                    tar.addfile(_tarinfo(blob(layer.hex), layer.size), reader)
+                except OSError as exc:
+                    raise DigestMismatch("layer %s is shorter than %d bytes "
+                                         "(%s)" % (layer.digest, layer.size,
+                                                   exc))
+                if reader.digest != layer.digest or f.read(1):
+                    raise DigestMismatch(
+                        "layer %s: the stored file does not hold these bytes "
+                        "(run `git annex fsck`)" % layer.digest)
+        _add_bytes(tar, "index.json", _dumps(index))
+        if fmt == "docker-archive":
+            entry = {"Config": blob(manifest.config.hex),
+                     "RepoTags": list(repo_tags),
+                     "Layers": [blob(l.hex) for l in manifest.layers]}
+            _add_bytes(tar, "manifest.json", _dumps([entry]))
+            repos = {}
+            for tag in repo_tags:
+                name, _, t = tag.rpartition(":")
+                repos.setdefault(name, {})[t] = manifest.config.hex
+            _add_bytes(tar, "repositories", _dumps(repos))
+    finally:
+        tar.close()
+
+
+def _dumps(doc):
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
