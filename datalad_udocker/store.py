@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait, FIRST_EXCEPTION
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
@@ -137,12 +136,20 @@ def _check_clean(ds, layout_dir):
 # --- step 1: download ----------------------------------------------------
 
 def _download_missing(layers, staging, jobs, description):
-    """Fetch ``layers`` in parallel into ``staging``; return {digest: file}."""
+    """Fetch ``layers`` in parallel into ``staging``; return {digest: file}.
+
+    Workers are daemon threads: on the first error or on Ctrl-C the main
+    thread stops waiting at once (a worker sleeping in a retry back-off must
+    not delay the interrupt), and the caller removes ``staging``.
+    """
     if not layers:
         return {}
     total = sum(l.descriptor.size for l in layers)
     pid = "udocker-import-%s" % id(staging)
     lock = threading.Lock()
+    todo = list(layers)
+    staged, errors = {}, []
+    finished = threading.Event()
     log_progress(lgr.info, pid, "Downloading %d layer(s) of %s",
                  len(layers), description, total=total, label="Downloading",
                  unit=" Bytes")
@@ -152,27 +159,34 @@ def _download_missing(layers, staging, jobs, description):
             log_progress(lgr.info, pid, "", update=n, increment=True,
                          noninteractive_level=5)
 
-    def fetch(layer):
-        dest = staging / layer.descriptor.hex
-        layer.fetch(str(dest), progress)
-        return layer.descriptor.digest, dest
+    def worker():
+        while True:
+            with lock:
+                if errors or not todo:
+                    return
+                layer = todo.pop(0)
+            dest = staging / layer.descriptor.hex
+            try:
+                layer.fetch(str(dest), progress)
+            except BaseException as exc:   # reported to the main thread
+                with lock:
+                    errors.append(exc)
+                finished.set()
+                return
+            with lock:
+                staged[layer.descriptor.digest] = dest
+                if len(staged) == len(layers):
+                    finished.set()
 
-    staged = {}
-    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
-        futures = [pool.submit(fetch, l) for l in layers]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-        for f in futures:
-            if f.done() and not f.cancelled() and f.exception():
-                raise f.exception()
-        for f in futures:
-            digest, dest = f.result()
-            staged[digest] = dest
+        for _ in range(min(max(1, jobs), len(layers))):
+            threading.Thread(target=worker, daemon=True).start()
+        while not finished.wait(0.2):
+            pass
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         log_progress(lgr.info, pid, "Downloaded %s", description)
+    if errors:
+        raise errors[0]
     return staged
 
 
