@@ -118,15 +118,22 @@ class TarReader:
                 raise ArchiveError("ambiguous archive %s: member %r appears "
                                    "twice" % (self.path, name))
             if info.issym():
-                target = info.linkname
-                if target.startswith("/"):
-                    raise ArchiveError("unsafe archive %s: symlink %r points "
-                                       "to an absolute path" % (self.path, name))
-                _normalize(posixpath.join(posixpath.dirname(name), target),
-                           "symlink %r target" % name)
+                self._link_target(name, info.linkname)
             elif info.islnk():
                 _normalize(info.linkname, "hard link %r target" % name)
             self._members[name] = info
+
+    def _link_target(self, name, target):
+        """The archive path a symlink ``name`` -> ``target`` points to."""
+        if target.startswith("/"):
+            raise ArchiveError("unsafe archive %s: symlink %r points to an "
+                               "absolute path" % (self.path, name))
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(name),
+                                                   target))
+        if joined == ".." or joined.startswith("../"):
+            raise ArchiveError("unsafe archive %s: symlink %r -> %r leaves "
+                               "the archive" % (self.path, name, target))
+        return _normalize(joined)
 
     def close(self):
         self._tar.close()
@@ -146,8 +153,7 @@ class TarReader:
             if info.isreg():
                 return info
             if info.issym():
-                name = _normalize(posixpath.join(posixpath.dirname(name),
-                                                 info.linkname))
+                name = self._link_target(name, info.linkname)
             else:
                 name = _normalize(info.linkname)
         raise ArchiveError("archive %s: too many levels of links at %r"
