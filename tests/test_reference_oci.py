@@ -7,7 +7,7 @@ from datalad_udocker import oci
 from datalad_udocker.digest import sha256_digest
 from datalad_udocker.errors import (DigestMismatch, InvalidReference, PlatformNotFound,
                                     UnsupportedMediaType)
-from datalad_udocker.reference import Reference, is_loopback_host, parse_reference
+from datalad_udocker.reference import is_loopback_host, parse_reference
 
 D = "sha256:" + "ab" * 32
 D2 = "sha256:" + "cd" * 32
