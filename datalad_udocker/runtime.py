@@ -1,0 +1,410 @@
+"""Run an image stored in a dataset with udocker: no root, no daemon.
+
+Python API::
+
+    from datalad_udocker.runtime import run_image
+    result = run_image("/data/ds/.datalad/environments/busybox/image",
+                       ["sh", "-c", "echo hello"], dataset="/data/ds")
+    result.exit_code, result.stdout, result.stderr   # or: code, out, err = result
+
+Life of a run (:meth:`Runtime.run`):
+
+1. The image's container for the execution mode is looked up in the cache
+   (``$UDOCKER_DIR/datalad-udocker/containers/<name>.json``, the name being
+   ``dlu-<manifest hex>-<mode>``).  If it is missing it is created once,
+   under an exclusive per-container file lock, so that concurrent first runs
+   all succeed and extract only once: missing layers are fetched
+   (``datalad get``), the layout is fed into udocker's repository by symlink
+   after digest verification (:mod:`.udocker_repo`), ``udocker create`` and
+   ``udocker setup --execmode`` run, and only then is the cache entry
+   written.  Any failure removes what was created.
+2. The command runs with ``udocker run`` while a shared lock is held (a
+   prune skips containers in use).  Docker semantics: the image's Env,
+   Entrypoint and Cmd (an empty command runs Entrypoint + Cmd), the dataset
+   bind-mounted at its own path and the caller's directory inside it as the
+   working directory (without a dataset: the image's WorkingDir).  Output
+   and exit code are the command's own (see :mod:`.udocker_tools`).
+
+udocker is always run as a subprocess (its CLI and on-disk layout are the
+contract), from a directory we own since it reads ``u.conf`` from its cwd.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import config
+from .errors import LayoutError, RuntimeError_
+from .layout import OCILayout
+from .udocker_repo import STATE_DIR, UdockerRepo, missing_blobs
+from .udocker_tools import (check_execmode, find_tools, udocker_environment,
+                            write_wrappers)
+
+_UDOCKER_MAIN = ("import sys; from udocker.maincmd import main; "
+                 "sys.argv[0] = 'udocker'; sys.exit(main())")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                      r"[0-9a-f]{12}$")
+NAME_PREFIX = "dlu-"
+
+
+class CommandNotFound(RuntimeError_):
+    """The command (or entrypoint) does not exist in the container."""
+    exit_code = 127
+
+
+@dataclass
+class RunResult:
+    """Outcome of a command; ``stdout``/``stderr`` are bytes when captured."""
+    exit_code: int
+    stdout: Optional[bytes] = None
+    stderr: Optional[bytes] = None
+
+    def __iter__(self):
+        return iter((self.exit_code, self.stdout, self.stderr))
+
+
+@dataclass
+class CachedContainer:
+    """One cached container: an image extracted for one execution mode."""
+    name: str
+    container_id: str
+    manifest_digest: str
+    execmode: str
+    image: str           # layout path it was created from
+    created: float
+    last_used: float = 0.0
+    path: str = ""       # udocker's container directory
+
+
+def container_name(manifest_digest, execmode):
+    return "%s%s-%s" % (NAME_PREFIX, manifest_digest.partition(":")[2],
+                        execmode.lower())
+
+
+class Runtime:
+    """Containers of imported images in one udocker directory, for one mode."""
+
+    def __init__(self, udocker_dir=None, execmode=None, dataset=None):
+        self.udocker_dir = Path(udocker_dir or config.udocker_dir(dataset))
+        self.execmode = check_execmode(execmode or config.execmode(dataset))
+        self.state_dir = self.udocker_dir / STATE_DIR
+        self.repo = UdockerRepo(self.udocker_dir)
+
+    # --- udocker subprocess ---------------------------------------------
+    def _udocker(self, args, env_extra=None, bin_dir=None, pass_fds=(),
+                 stdin=subprocess.DEVNULL):
+        """Run udocker; returns (exit status, its own stdout+stderr text)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-c", _UDOCKER_MAIN, "-q"]
+        if os.geteuid() == 0:
+            argv.append("--allow-root")
+        with tempfile.TemporaryFile(dir=self.state_dir) as chatter:
+            proc = subprocess.run(
+                argv + list(args), cwd=self.state_dir, stdin=stdin,
+                stdout=chatter, stderr=subprocess.STDOUT, pass_fds=pass_fds,
+                env=udocker_environment(self.udocker_dir, env_extra or {},
+                                        bin_dir))
+            chatter.seek(0)
+            return proc.returncode, chatter.read().decode(errors="replace")
+
+    # --- cache ------------------------------------------------------------
+    def _state_path(self, name):
+        return self.state_dir / "containers" / (name + ".json")
+
+    @contextlib.contextmanager
+    def _lock(self, name):
+        lock_dir = self.state_dir / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_dir / (name + ".lock"), os.O_RDWR | os.O_CREAT,
+                     0o644)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _load(self, name):
+        """The cache entry for ``name`` if its container is complete."""
+        try:
+            entry = CachedContainer(
+                **json.loads(self._state_path(name).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if not (Path(entry.path) / "ROOT").is_dir():
+            return None
+        return entry
+
+    def containers(self):
+        """Every cached container, plus leftovers of interrupted creations
+        (returned as entries with an empty ``container_id``)."""
+        found = {}
+        for state in sorted((self.state_dir / "containers").glob("*.json")):
+            entry = self._load(state.stem)
+            if entry is not None:
+                entry.last_used = state.stat().st_mtime
+                found[entry.name] = entry
+        cdir = self.udocker_dir / "containers"
+        if cdir.is_dir():
+            for link in cdir.iterdir():
+                if link.name.startswith(NAME_PREFIX) and \
+                        link.name not in found:
+                    found[link.name] = CachedContainer(
+                        link.name, "", "", "", "", 0.0, 0.0, str(link))
+        return sorted(found.values(), key=lambda c: c.name)
+
+    def remove(self, name, wait=False):
+        """Remove a cached container unless a command is using it.
+
+        Returns False (and keeps it) when it is in use and ``wait`` is false.
+        """
+        with self._lock(name) as fd:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return False
+            self._discard(name)
+        return True
+
+    def _discard(self, name):
+        """Delete container ``name`` and its cache entry (lock held)."""
+        state = self._state_path(name)
+        with contextlib.suppress(FileNotFoundError):
+            state.unlink()
+        link = self.udocker_dir / "containers" / name
+        if os.path.lexists(link):
+            self._udocker(["rm", "-f", name])
+            if os.path.lexists(link):      # udocker could not: do it by hand
+                target = os.path.realpath(link)
+                os.unlink(link)
+                if os.path.isdir(target):
+                    _force_rmtree(target)
+
+    def prune(self, older_than=None):
+        """Remove cached containers (those unused for ``older_than`` seconds,
+        or all), skipping any in use; drop image feeds no container needs.
+        Returns ``(removed, kept_in_use)`` lists of CachedContainer."""
+        removed, busy = [], []
+        now = time.time()
+        for entry in self.containers():
+            if older_than is not None and entry.container_id and \
+                    now - entry.last_used < older_than:
+                continue
+            (removed if self.remove(entry.name) else busy).append(entry)
+        needed = {c.manifest_digest for c in self.containers()}
+        for digest in self.repo.fed_digests():
+            if digest not in needed:
+                self.repo.remove(digest)
+        return removed, busy
+
+    # --- creation ---------------------------------------------------------
+    def ensure_container(self, layout, fetch=None):
+        """The cached container for ``layout``, created if needed."""
+        layout = layout if isinstance(layout, OCILayout) else OCILayout(layout)
+        name = container_name(layout.manifest_descriptor().digest,
+                              self.execmode)
+        with self._lock(name) as fd:
+            return self._ensure_locked(fd, name, layout, fetch)
+
+    def _ensure_locked(self, fd, name, layout, fetch):
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        entry = self._load(name)
+        if entry is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            entry = self._load(name)
+            if entry is None:
+                entry = self._create(name, layout, fetch)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        return entry
+
+    def _create(self, name, layout, fetch):
+        tools = find_tools(self.execmode, self.udocker_dir)
+        if missing_blobs(layout) and fetch is not None:
+            fetch(layout.path)
+        missing = missing_blobs(layout)
+        if missing:
+            raise LayoutError(
+                "%d blob(s) of the image in %s are not present and could not "
+                "be fetched (first: %s): check `git annex whereis %s`"
+                % (len(missing), layout.path, missing[0].digest, layout.path))
+        fed = self.repo.feed(layout)
+        self._discard(name)          # leftovers of an interrupted creation
+        cid = None
+        try:
+            rc, out = self._udocker(["create", "--name=" + name, fed.spec])
+            ids = [w for w in out.split() if _UUID_RE.match(w)]
+            cid = ids[-1] if ids else None
+            if rc or not cid or "Error" in out:
+                raise RuntimeError_("udocker could not create a container "
+                                    "from %s: %s" % (layout.path,
+                                                     _first_error(out)))
+            rc, out = self._udocker(
+                ["setup", "--execmode=" + self.execmode, cid],
+                {k: v for k, v in (
+                    ("UDOCKER_FAKECHROOT_SO", tools.get("fakechroot_so")),
+                    ("UDOCKER_USE_PATCHELF_EXECUTABLE",
+                     tools.get("patchelf"))) if v})
+            path = self.udocker_dir / "containers" / cid
+            if rc or "Error" in out or not (path / "ROOT").is_dir():
+                raise RuntimeError_("udocker could not set up execution mode "
+                                    "%s: %s" % (self.execmode,
+                                                _first_error(out)))
+            entry = CachedContainer(name, cid, fed.manifest_digest,
+                                    self.execmode, str(layout.path),
+                                    time.time(), time.time(), str(path))
+            state = self._state_path(name)
+            state.parent.mkdir(parents=True, exist_ok=True)
+            tmp = state.with_name(".%s.%d" % (state.name, os.getpid()))
+            tmp.write_text(json.dumps(asdict(entry), indent=1))
+            os.replace(tmp, state)
+            return entry
+        except BaseException:
+            self._discard(name)
+            if cid and (self.udocker_dir / "containers" / cid).exists():
+                self._udocker(["rm", "-f", cid])
+            raise
+
+    # --- running ----------------------------------------------------------
+    def run(self, layout, command=(), dataset=None, cwd=None, env=None,
+            capture=False, fetch=None):
+        """Run ``command`` (a list; empty: Entrypoint + Cmd) in the image.
+
+        ``dataset`` (a path) is bind-mounted at its own path and the
+        command runs in ``cwd`` (default: the current directory) if that is
+        inside it, else in the dataset's root; without a dataset it runs in
+        the image's WorkingDir.  ``env`` adds or overrides variables.
+        With ``capture`` the output is returned, else it goes to this
+        process's stdout/stderr.  Returns a RunResult; raises UdockerError
+        subclasses when the command could not be started.
+        """
+        layout = layout if isinstance(layout, OCILayout) else OCILayout(layout)
+        name = container_name(layout.manifest_descriptor().digest,
+                              self.execmode)
+        with self._lock(name) as fd:
+            entry = self._ensure_locked(fd, name, layout, fetch)
+            os.utime(self._state_path(name))            # last used
+            binds, workdir = plan_mounts(dataset, cwd)
+            if workdir is None:
+                workdir = (layout.config().get("config") or {}).get(
+                    "WorkingDir") or "/"
+            opts = ["run", "--nobanner", "--workdir=" + workdir]
+            opts += ["--volume=%s:%s" % (b, b) for b in binds]
+            opts += ["--env=%s=%s" % kv for kv in sorted((env or {}).items())]
+            if self.execmode == "F1":
+                # Debian's libfakechroot ignores udocker's FAKECHROOT_DIR_MAP:
+                # exclude the bound paths from the chroot instead
+                opts += ["--nosysdirs", "--env=FAKECHROOT_EXCLUDE_PATH=" +
+                         ":".join(["/dev", "/proc", "/sys", "/etc/resolv.conf",
+                                   "/etc/host.conf"] + binds)]
+            return self._run_container(entry, opts + [entry.container_id] +
+                                       list(command), capture)
+
+    def _run_container(self, entry, args, capture):
+        tools = find_tools(self.execmode, self.udocker_dir)
+        run_root = self.state_dir / "run"
+        run_root.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            tmp = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(dir=run_root)))
+            files = [stack.enter_context(open(tmp / n, "w+b"))
+                     for n in ("stdout", "stderr", "status")]
+            if capture:
+                fds = [f.fileno() for f in files]
+            else:
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
+                fds = [os.dup(1), os.dup(2), files[2].fileno()]
+                stack.callback(os.close, fds[0])
+                stack.callback(os.close, fds[1])
+            tool_env = write_wrappers(tmp / "bin", tools, fds)
+            rc, chatter = self._udocker(
+                args, tool_env, bin_dir=tmp / "bin", pass_fds=fds,
+                stdin=subprocess.DEVNULL if capture else None)
+            for f in files:      # the children moved the shared offsets
+                f.seek(0)
+            status = files[2].read().decode().split()
+            out = err = None
+            if capture:
+                out, err = (f.read() for f in files[:2])
+        if status:
+            return RunResult(int(status[-1]), out, err)
+        if "command not found" in chatter:
+            raise CommandNotFound(
+                "command not found in the container: %s"
+                % (" ".join(args[args.index(entry.container_id) + 1:])
+                   or "its Entrypoint/Cmd"))
+        raise RuntimeError_("udocker could not run the container (status "
+                            "%d): %s" % (rc, _first_error(chatter)))
+
+
+def plan_mounts(dataset, cwd=None):
+    """``(bind paths, workdir)`` for a run in ``dataset`` from ``cwd``.
+
+    Without a dataset: nothing bound, workdir None (the image's).
+    """
+    if dataset is None:
+        return [], None
+    ds = os.path.abspath(str(dataset))
+    cwd = os.path.abspath(cwd or os.getcwd())
+    binds = [ds]
+    real = os.path.realpath(ds)
+    if real != ds:
+        binds.append(real)
+    for root in binds:
+        if cwd == root or cwd.startswith(root.rstrip("/") + "/"):
+            return binds, cwd
+    return binds, ds
+
+
+def _first_error(text):
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    return (errors or lines or ["no message"])[0]
+
+
+def _force_rmtree(path):
+    def onerror(func, p, _exc):
+        os.chmod(os.path.dirname(p), 0o700)
+        with contextlib.suppress(OSError):
+            os.chmod(p, 0o700)
+        func(p)
+    shutil.rmtree(path, onerror=onerror)
+
+
+def fetch_with_datalad(dataset=None):
+    """A ``fetch(path)`` callback running ``datalad get`` on a layout."""
+    def fetch(path):
+        from datalad.api import get
+        get(str(path), dataset=dataset, result_renderer="disabled",
+            on_failure="ignore", return_type="list")
+    return fetch
+
+
+def run_image(image_path, command=(), dataset=None, execmode=None,
+              capture=True, env=None, cwd=None, udocker_dir=None):
+    """Run ``command`` in the image stored (as an OCI layout) at ``image_path``.
+
+    ``command`` is a list of arguments or a string (split like a shell);
+    empty runs the image's Entrypoint + Cmd.  ``dataset`` is the dataset to
+    bind-mount (and to ``datalad get`` missing layers from; default: the one
+    holding the image, for fetching only).  ``execmode`` defaults to
+    ``datalad.udocker.execmode`` (P1).  Returns a :class:`RunResult`.
+    """
+    import shlex
+    if isinstance(command, str):
+        command = shlex.split(command)
+    ds_obj = None
+    if dataset is not None:
+        from datalad.distribution.dataset import Dataset
+        ds_obj = Dataset(str(dataset))
+    runtime = Runtime(udocker_dir, execmode, ds_obj)
+    fetch = fetch_with_datalad(str(dataset) if dataset is not None else None)
+    return runtime.run(image_path, command, dataset=dataset, cwd=cwd, env=env,
+                       capture=capture, fetch=fetch)

@@ -1,0 +1,173 @@
+"""Feed an image stored as an OCI layout into udocker's local repository.
+
+udocker keeps pulled images in ``$UDOCKER_DIR/repos/<name>/<tag>/``: a file
+``TAG``, an empty marker ``v2``, the image manifest as ``manifest`` and one
+symlink ``sha256:<hex>`` per blob (the config and every layer).  ``udocker
+create`` reads the layer order and the config from that manifest and
+extracts the layers the symlinks point to.  This module writes exactly that
+layout, with the symlinks pointing at the blobs of the OCI layout (in a
+dataset: the annexed layer files), so no layer is ever copied and no
+``udocker pull`` or ``udocker load`` is needed.
+
+An image is fed under the repository name ``datalad-udocker/<manifest hex>``
+and tag ``latest``: a changed image (new manifest digest) is a new repository
+entry, and two datasets holding the same image share it.
+
+Digest verification
+-------------------
+``udocker create`` does not verify digests, so every blob is verified here
+before it is fed: a corrupt layer raises :class:`~.errors.DigestMismatch` and
+nothing is fed.  Feeding only happens when a container has to be created
+(once per image and execution mode, see :mod:`.runtime`), so the hash pass
+runs once next to the much slower extraction.  To keep the second execution
+mode (or a re-creation after a prune) from hashing again, a blob that passed
+is remembered under ``datalad-udocker/verified/<hex>`` together with the
+device, inode, size and mtime of the file that was hashed; a file that was
+replaced or touched since is hashed again.  git-annex objects are
+write-protected and never change in place, so this memo is sound for them.
+"""
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .digest import file_digest
+from .errors import DigestMismatch, LayoutError
+
+REPO_PREFIX = "datalad-udocker"
+TAG = "latest"
+STATE_DIR = "datalad-udocker"     # our own bookkeeping inside the udocker dir
+
+
+@dataclass(frozen=True)
+class FedImage:
+    """An image present in udocker's repository: ``udocker create`` takes :attr:`spec`."""
+    repo: str
+    tag: str
+    tag_dir: Path
+    manifest_digest: str
+
+    @property
+    def spec(self):
+        return "%s:%s" % (self.repo, self.tag)
+
+
+def repo_name(manifest_digest):
+    """udocker repository name for the image with this manifest digest."""
+    return "%s/%s" % (REPO_PREFIX, manifest_digest.partition(":")[2])
+
+
+def missing_blobs(layout):
+    """Descriptors of the layout's layers/config whose content is not present.
+
+    A layer that git-annex has not fetched yet is a dangling symlink: this is
+    how the runtime decides whether to ``datalad get`` the image first.
+    """
+    manifest = layout.manifest()
+    return [d for d in (manifest.config,) + tuple(manifest.layers)
+            if not layout.blob_path(d.digest).exists()]
+
+
+class UdockerRepo:
+    """udocker's ``repos/`` directory under ``udocker_dir``, fed from OCI layouts."""
+
+    def __init__(self, udocker_dir):
+        self.udocker_dir = Path(udocker_dir)
+        self.repos_dir = self.udocker_dir / "repos"
+        self.verified_dir = self.udocker_dir / STATE_DIR / "verified"
+
+    def tag_dir(self, manifest_digest):
+        return self.repos_dir / repo_name(manifest_digest) / TAG
+
+    def is_fed(self, manifest_digest):
+        tag_dir = self.tag_dir(manifest_digest)
+        return (tag_dir / "TAG").is_file() and (tag_dir / "manifest").is_file()
+
+    def feed(self, layout):
+        """Verify the layout's blobs and (re)write its udocker tag directory.
+
+        Returns a :class:`FedImage`.  Raises LayoutError if a blob is not
+        present (not fetched) and DigestMismatch if one is corrupt; in both
+        cases nothing is written.  The caller serialises feeds of the same
+        image (the runtime holds a per-image lock).
+        """
+        manifest = layout.manifest()
+        blobs = (manifest.config,) + tuple(manifest.layers)
+        targets = {}
+        for desc in blobs:
+            path = layout.blob_path(desc.digest)
+            if not path.exists():
+                raise LayoutError(
+                    "layer %s of the image in %s is not present: fetch it "
+                    "with `datalad get %s`" % (desc.digest, layout.path,
+                                               layout.path))
+            self.verify_blob(path, desc.digest, desc.size)
+            targets["sha256:" + desc.digest.partition(":")[2]] = \
+                os.path.realpath(path)
+        final = self.tag_dir(manifest.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".feed-", dir=final.parent))
+        try:
+            (staging / "TAG").write_text("%s/%s:%s" % (
+                self.repos_dir, repo_name(manifest.digest), TAG))
+            (staging / "v2").touch()
+            (staging / "manifest").write_bytes(manifest.raw)
+            for name, target in targets.items():
+                os.symlink(target, staging / name)
+            if final.exists():
+                shutil.rmtree(final)     # symlinks and small files only
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return FedImage(repo_name(manifest.digest), TAG, final,
+                        manifest.digest)
+
+    def remove(self, manifest_digest):
+        """Forget a fed image (its symlinks; the blobs are not touched)."""
+        repo_dir = self.tag_dir(manifest_digest).parent
+        if repo_dir.exists():
+            shutil.rmtree(repo_dir)
+
+    def fed_digests(self):
+        """Manifest digests of every image fed by this package."""
+        base = self.repos_dir / REPO_PREFIX
+        if not base.is_dir():
+            return []
+        return sorted("sha256:" + p.name for p in base.iterdir()
+                      if (p / TAG / "TAG").is_file())
+
+    # --- verification ----------------------------------------------------
+    def verify_blob(self, path, digest, size):
+        """Raise DigestMismatch unless ``path`` holds ``size`` bytes hashing
+        to ``digest``; a previous success on the unchanged file is reused."""
+        st = os.stat(path)
+        stamp = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+                 "mtime_ns": st.st_mtime_ns, "digest": digest}
+        memo = self.verified_dir / digest.partition(":")[2]
+        try:
+            if json.loads(memo.read_text()) == stamp:
+                return
+        except (OSError, ValueError):
+            pass
+        if st.st_size != size:
+            raise DigestMismatch(
+                "layer %s is corrupt (%d bytes, the manifest says %d): "
+                "re-fetch it with `datalad get`" % (digest, st.st_size, size))
+        got = file_digest(path)
+        if got != digest:
+            raise DigestMismatch(
+                "layer %s is corrupt (its content hashes to %s): re-fetch it "
+                "with `datalad get`" % (digest, got))
+        self.verified_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(".%s.%d" % (memo.name, os.getpid()))
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, memo)
+
+    def forget_verified(self, digest):
+        try:
+            (self.verified_dir / digest.partition(":")[2]).unlink()
+        except FileNotFoundError:
+            pass
