@@ -74,19 +74,19 @@ def pull_scope(repository):
     return "repository:%s:pull" % repository
 
 
-def _read_limited(resp, limit, what):
-    """The body of ``resp``, refusing more than ``limit`` bytes."""
+def _read_limited(resp, limit, what, error=UdockerError):
+    """The body of ``resp``, refusing (with ``error``) more than ``limit`` bytes."""
     with resp:
         declared = resp.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise UdockerError("%s is %s bytes, more than the %d accepted"
-                               % (what, declared, limit))
+            raise error("%s is %s bytes, more than the %d accepted"
+                        % (what, declared, limit))
         data = bytearray()
         for chunk in resp.iter_content(CHUNK):
             data += chunk
             if len(data) > limit:
-                raise UdockerError("%s is larger than the %d bytes accepted"
-                                   % (what, limit))
+                raise error("%s is larger than the %d bytes accepted"
+                            % (what, limit))
         return bytes(data)
 
 
@@ -229,7 +229,7 @@ class RegistryClient:
             headers={"Accept-Encoding": "identity"},
             scope=pull_scope(repository), stream=True)
         data = _read_limited(resp, descriptor.size,
-                             "blob %s" % descriptor.digest)
+                             "blob %s" % descriptor.digest, DigestMismatch)
         if len(data) != descriptor.size or sha256_digest(data) != descriptor.digest:
             raise DigestMismatch(
                 "blob %s failed verification (%d of %d bytes, digest %s); the "
