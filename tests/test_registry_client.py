@@ -496,14 +496,14 @@ def test_token_refreshed_before_expiry(token_registry, token_issuer):
 
 
 def test_rejected_token_is_replaced(token_registry, token_issuer):
-    token_issuer.expires_in = 1
+    token_issuer.expires_in = 2                # whole-second exp: dead 1-2 s after issue
     token_issuer.strict_expiry = True
     c = client_for(token_registry.host, credentials=None)
     c.get_manifest("test/single", "1")
     # pretend our clock disagrees with the registry's: the cached token looks fresh
     for token in c.transport._tokens.values():
         token.expires_at = time.monotonic() + 3600
-    time.sleep(1.5)
+    time.sleep(2.2)
     m = c.get_manifest("test/single", "1")
     assert m.digest == token_registry.images["test/single:1"].manifest_digest
     assert len(token_issuer.requests) == 2
