@@ -1,0 +1,192 @@
+"""udocker-export: images from a dataset into a real Docker Engine and into skopeo."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import datalad.api as dl
+
+import datalad_udocker.commands.export_image  # noqa: F401  (binds Dataset.udocker_export)
+from checks import git
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def stored(registry, tmp_path_factory):
+    """A dataset holding test/multi:1 (3 layers) and test/docker:1 (v2s2 media types)."""
+    ds = dl.create(tmp_path_factory.mktemp("export") / "ds", result_renderer="disabled")
+    for ref in ("test/multi:1", "test/docker:1"):
+        res = ds.udocker_import(registry.images[ref].reference, result_renderer="disabled",
+                                return_type="list")
+        assert res[0]["status"] == "ok", res
+    return ds
+
+
+def export(ds, name, **kw):
+    res = ds.udocker_export(name, result_renderer="disabled", return_type="list",
+                            on_failure="ignore", **kw)
+    assert len(res) == 1, res
+    return res[0]
+
+
+def load_and_run(dockerd, archive_args, tag, *cmd, input=None):
+    out = dockerd.docker("load", *archive_args, input=input).stdout.decode()
+    assert tag in out, out
+    run = dockerd.docker("run", "--rm", tag, *cmd)
+    dockerd.docker("rmi", tag)
+    return run.stdout.decode()
+
+
+def test_export_multi_layer_loads_and_runs(stored, registry, dockerd, tmp_path):
+    pushed = registry.images["test/multi:1"]
+    out = tmp_path / "multi.tar"
+    res = export(stored, "multi", output=str(out))
+    assert res["status"] == "ok", res
+    assert res["path"] == str(out)
+    with tarfile.open(out) as t:
+        entry = json.loads(t.extractfile("manifest.json").read())[0]
+        # layers as stored: the registry's compressed blobs, named by digest
+        assert entry["Layers"] == ["blobs/sha256/" + l.digest.split(":")[1]
+                                   for l in pushed.layers]
+        for l in pushed.layers:
+            assert t.getmember("blobs/sha256/" + l.digest.split(":")[1]).size == l.size
+    assert entry["RepoTags"] == [pushed.reference]
+    text = load_and_run(dockerd, ["-i", str(out)], pushed.reference)
+    assert "greeting=hello version=1 cwd=/app args=default-arg" in text
+
+
+def test_export_layers_and_whiteouts_seen_by_docker(stored, registry, dockerd, tmp_path):
+    pushed = registry.images["test/multi:1"]
+    out = tmp_path / "m.tar"
+    assert export(stored, "multi", output=str(out))["status"] == "ok"
+    dockerd.docker("load", "-i", str(out))
+    try:
+        ls = dockerd.docker("run", "--rm", "--entrypoint", "/bin/sh", pushed.reference,
+                            "-c", "ls /data /opaque; cat /app/version.txt").stdout.decode()
+    finally:
+        dockerd.docker("rmi", pushed.reference)
+    assert "keep.txt" in ls and "added.txt" in ls and "new.txt" in ls
+    assert "remove-me.txt" not in ls and "dir-gone" not in ls and "old1.txt" not in ls
+    assert ls.strip().endswith("1")
+
+
+def test_export_docker_media_types(stored, registry, dockerd, tmp_path):
+    pushed = registry.images["test/docker:1"]
+    out = tmp_path / "d.tar"
+    assert export(stored, "docker", output=str(out))["status"] == "ok"
+    text = load_and_run(dockerd, ["-i", str(out)], pushed.reference, "cat",
+                        "/docker/marker.txt")
+    assert text == "v2s2\n"
+
+
+@pytest.mark.parametrize("fmt", ["docker-archive", "oci-archive"])
+def test_skopeo_inspects_exports(stored, registry, tmp_path, fmt):
+    pushed = registry.images["test/multi:1"]
+    out = tmp_path / "x.tar"
+    assert export(stored, "multi", output=str(out), format=fmt)["status"] == "ok"
+    res = subprocess.run(["skopeo", "inspect", f"{fmt}:{out}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    if fmt == "docker-archive":   # skopeo names docker-archive layers by diff_id
+        assert info["Layers"] == pushed.config_json["rootfs"]["diff_ids"]
+    else:
+        assert info["Layers"] == [l.digest for l in pushed.layers]
+    assert info["Env"] == pushed.config_json["config"]["Env"]
+    if fmt == "oci-archive":
+        assert info["Digest"] == pushed.manifest_digest
+        # and skopeo can copy it into a fresh OCI layout
+        res = subprocess.run(["skopeo", "copy", f"oci-archive:{out}",
+                              f"oci:{tmp_path / 'copy'}:1"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+
+
+def test_export_by_path_default_output(stored, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    layout = Path(stored.path) / ".datalad/environments/multi/image"
+    res = export(stored, str(layout))
+    assert res["status"] == "ok", res
+    assert res["path"] == str(tmp_path / "image.tar")
+    res = export(stored, "multi")
+    assert res["path"] == str(tmp_path / "multi.tar")
+
+
+def test_export_unknown_name(stored):
+    res = export(stored, "no-such-image")
+    assert res["status"] == "impossible"
+    assert "neither a container" in res["message"]
+
+
+def _stream_cmd(ds_path, name, cli):
+    if cli:
+        return ["datalad", "udocker-export", "-d", ds_path, name, "-o", "-"]
+    # the Python API with its default (rendering) result renderer
+    code = ("import sys, datalad.api as dl, datalad_udocker.commands.export_image;"
+            "dl.Dataset(sys.argv[1]).udocker_export(sys.argv[2], output='-')")
+    return [sys.executable, "-c", code, ds_path, name]
+
+
+@pytest.mark.parametrize("cli", [True, False], ids=["cli", "api"])
+def test_stdout_pipes_into_docker_load(stored, registry, dockerd, cli):
+    pushed = registry.images["test/multi:1"]
+    exporter = subprocess.Popen(_stream_cmd(stored.path, "multi", cli),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    loader = subprocess.run([dockerd.client, "--host", dockerd.host, "load"],
+                            stdin=exporter.stdout, capture_output=True, env=dockerd.env)
+    exporter.stdout.close()
+    err = exporter.stderr.read().decode()
+    assert exporter.wait() == 0, err
+    assert loader.returncode == 0, loader.stderr.decode() + err
+    assert pushed.reference in loader.stdout.decode()
+    # the result was rendered, but on stderr, not into the tar
+    if cli:
+        assert "udocker_export(ok)" in err
+    run = dockerd.docker("run", "--rm", pushed.reference)
+    dockerd.docker("rmi", pushed.reference)
+    assert "version=1" in run.stdout.decode()
+
+
+def test_stdout_is_exactly_the_tar(stored, tmp_path):
+    out = subprocess.run(_stream_cmd(stored.path, "multi", True), capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()
+    ref = tmp_path / "ref.tar"
+    assert export(stored, "multi", output=str(ref))["status"] == "ok"
+    assert out.stdout == ref.read_bytes()
+
+
+def test_export_gets_missing_layers_first(stored, registry, tmp_path, dockerd):
+    """A clone without layer content: export fetches the layers from the registry."""
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", stored.path, str(bare)], check=True)
+    subprocess.run(["git", "-C", str(bare), "fetch", "-q", stored.path, "git-annex:git-annex"],
+                   check=True)
+    clone = dl.clone(str(bare), tmp_path / "clone", result_renderer="disabled")
+    layout = Path(clone.path) / ".datalad/environments/multi/image"
+    assert not any(p.exists() for p in (layout / "blobs/sha256").iterdir() if p.is_symlink())
+    out = tmp_path / "c.tar"
+    res = export(clone, "multi", output=str(out))
+    assert res["status"] == "ok", res
+    pushed = registry.images["test/multi:1"]
+    text = load_and_run(dockerd, ["-i", str(out)], pushed.reference)
+    assert "version=1" in text
+    assert git(clone.path, "status", "--porcelain") == ""
+
+
+def test_export_fails_cleanly_when_layers_unavailable(stored, tmp_path):
+    """No content and no way to get it: an error, and no partial output file."""
+    clone = dl.clone(stored.path, tmp_path / "clone", result_renderer="disabled")
+    subprocess.run(["git", "config", "remote.origin.annex-ignore", "true"], cwd=clone.path,
+                   check=True)
+    subprocess.run(["git", "annex", "dead", "udocker-registry"], cwd=clone.path,
+                   capture_output=True)
+    subprocess.run(["git", "config", "remote.udocker-registry.annex-ignore", "true"],
+                   cwd=clone.path, check=True)
+    out = tmp_path / "never.tar"
+    res = export(clone, "multi", output=str(out))
+    assert res["status"] == "error", res
+    assert "cannot get layer content" in res["message"]
+    assert not out.exists() and not list(tmp_path.glob(".never.tar*"))
