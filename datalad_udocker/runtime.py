@@ -226,14 +226,17 @@ class Runtime:
 
     def _create(self, name, layout, fetch):
         tools = find_tools(self.execmode, self.udocker_dir)
+        reason = None
         if missing_blobs(layout) and fetch is not None:
-            fetch(layout.path)
+            reason = fetch(layout.path)
         missing = missing_blobs(layout)
         if missing:
             raise LayoutError(
-                "%d blob(s) of the image in %s are not present and could not "
-                "be fetched (first: %s): check `git annex whereis %s`"
-                % (len(missing), layout.path, missing[0].digest, layout.path))
+                "%d layer(s) of the image in %s are not present and could not "
+                "be fetched (first: %s)%s" % (
+                    len(missing), layout.path, missing[0].digest,
+                    ": " + reason if reason else
+                    "; see `git annex whereis %s`" % layout.path))
         fed = self.repo.feed(layout)
         self._discard(name)          # leftovers of an interrupted creation
         cid = None
@@ -379,11 +382,26 @@ def _force_rmtree(path):
 
 
 def fetch_with_datalad(dataset=None):
-    """A ``fetch(path)`` callback running ``datalad get`` on a layout."""
+    """A ``fetch(path)`` callback: ``datalad get`` of a layout.
+
+    Returns None, or a one-line reason why nothing could be fetched.
+    """
     def fetch(path):
         from datalad.api import get
-        get(str(path), dataset=dataset, result_renderer="disabled",
-            on_failure="ignore", return_type="list")
+        try:
+            results = get(str(path), dataset=dataset,
+                          result_renderer="disabled", on_failure="ignore",
+                          return_type="list")
+        except Exception as exc:        # noqa: BLE001 -- datalad raises many
+            return " ".join(str(exc).split()) or type(exc).__name__
+        failed = [r for r in results if r.get("status") in ("error",
+                                                             "impossible")]
+        if failed:
+            msg = failed[0].get("message") or failed[0].get("status")
+            if isinstance(msg, (tuple, list)):
+                msg = msg[0] % tuple(msg[1:]) if len(msg) > 1 else msg[0]
+            return " ".join(str(msg).split())
+        return None
     return fetch
 
 

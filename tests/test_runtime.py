@@ -1,0 +1,279 @@
+"""The udocker runtime on OCI layouts built in Python, run as a non-root user.
+
+Real udocker, PRoot, Fakechroot and runc (Debian's); every container runs as
+the ``nonroot`` user through the ``datalad-udocker-run`` entry point (what
+containers-run calls) or the Python API.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fixtures import images as im
+from fixtures.catalogue import ENV_PATH, multi_layers
+from fixtures.util import REPO_ROOT
+
+PY = str(REPO_ROOT / ".venv" / "bin" / "python")
+
+
+def build(root: Path, name: str, layers, **config) -> Path:
+    layout = root / name
+    im.build_image(layout, name, layers, **config)
+    return layout
+
+
+@pytest.fixture(scope="session")
+def images(nonroot):
+    """Single-image OCI layouts (plain files, readable by the non-root user)."""
+    root = nonroot.make_tempdir("udtest-images-")
+    busybox = im.make_layer(im.busybox_rootfs())
+    multi_cfg = dict(env=[ENV_PATH, "GREETING=hello", "MULTI_VERSION=1"],
+                     entrypoint=["/app/run.sh"], cmd=["default-arg"], workdir="/app")
+    return {
+        "busybox": build(root, "busybox", [busybox], cmd=["/bin/sh"]),
+        "multi": build(root, "multi", multi_layers(1), **multi_cfg),
+        "layers1": build(root, "layers1", multi_layers(1), cmd=["/bin/sh"]),
+        "layers2": build(root, "layers2", multi_layers(2), cmd=["/bin/sh"]),
+        "glibc": build(root, "glibc", [im.make_layer(im.glibc_rootfs())], cmd=["/bin/sh"]),
+    }
+
+
+@pytest.fixture
+def udir(nonroot):
+    """A fresh udocker directory owned by the non-root user."""
+    return nonroot.make_tempdir("udtest-udocker-") / "udocker"
+
+
+@pytest.fixture
+def workdir(nonroot):
+    """A directory of the non-root user standing in for a dataset."""
+    path = nonroot.make_tempdir("udtest-ds-")
+    sub = path / "sub"
+    sub.mkdir()
+    nonroot._chown(sub)
+    return path
+
+
+def run_cli(nonroot, udir, image, *cmd, mode="P1", dataset=None, cwd=None, path=None):
+    """``datalad-udocker-run`` as the user (with ``path`` as its PATH if given)."""
+    argv = ["/usr/bin/env", f"PATH={path}"] if path else []
+    argv += [PY, "-m", "datalad_udocker.runtime_cli", "--execmode", mode]
+    if dataset is not None:
+        argv += ["--dataset", str(dataset)]
+    return nonroot.run(argv + [str(image), *cmd], cwd=cwd,
+                       env={"DATALAD_UDOCKER_DIR": str(udir)}, check=False)
+
+
+def api(nonroot, udir, code: str):
+    """Run Python ``code`` as the user; it must print one JSON document last."""
+    res = nonroot.run([PY, "-c", code], env={"DATALAD_UDOCKER_DIR": str(udir)}, check=False)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def cached(nonroot, udir):
+    return api(nonroot, udir, (
+        "import json, dataclasses; from datalad_udocker.runtime import Runtime\n"
+        "print(json.dumps([dataclasses.asdict(c) for c in Runtime().containers()]))"))
+
+
+def udocker_container_dirs(udir: Path):
+    cdir = udir / "containers"
+    if not cdir.is_dir():
+        return []
+    return sorted(p.name for p in cdir.iterdir() if not p.is_symlink())
+
+
+# --- running --------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["P1", "P2", "R1"])
+def test_output_exit_code_and_no_banners(nonroot, udir, images, mode):
+    res = run_cli(nonroot, udir, images["busybox"], "sh", "-c",
+                  "echo out; echo err >&2; ls /etc >/dev/null && exit 7", mode=mode)
+    assert (res.returncode, res.stdout, res.stderr) == (7, "out\n", "err\n")
+    res = run_cli(nonroot, udir, images["busybox"], "true", mode=mode)
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+
+
+def test_proot_k_bug_worked_around(nonroot, udir, images):
+    """udocker passes -k to PRoot; Debian's PRoot then fails stat/opendir."""
+    res = run_cli(nonroot, udir, images["busybox"], "ls", "/etc")
+    assert res.returncode == 0, res.stderr
+    assert "passwd" in res.stdout.split()
+    assert "Invalid argument" not in res.stderr
+
+
+def test_docker_semantics_entrypoint_cmd_env(nonroot, udir, images):
+    # empty command: Entrypoint + Cmd, image Env, WorkingDir without a dataset
+    res = run_cli(nonroot, udir, images["multi"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "greeting=hello version=1 cwd=/app args=default-arg\n"
+    # arguments replace Cmd, Entrypoint stays
+    res = run_cli(nonroot, udir, images["multi"], "a", "b")
+    assert res.stdout == "greeting=hello version=1 cwd=/app args=a b\n"
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1"])
+def test_whiteouts_and_opaque_dirs(nonroot, udir, images, mode):
+    res = run_cli(nonroot, udir, images["layers1"], "sh", "-c",
+                  "cd / && find data opaque app -type f | sort", mode=mode)
+    assert res.returncode == 0, res.stderr
+    expected = sorted(p for p, e in im.flatten([l.spec for l in multi_layers(1)]).items()
+                      if p.split("/")[0] in ("data", "opaque", "app")
+                      and isinstance(e, (bytes, im.File)))
+    assert res.stdout.split() == expected
+    assert "data/remove-me.txt" not in expected and "opaque/old1.txt" not in expected
+
+
+@pytest.mark.parametrize("mode,image", [("P1", "busybox"), ("R1", "busybox"),
+                                        ("F1", "glibc")])
+def test_dataset_bound_cwd_and_ownership(nonroot, udir, images, workdir, mode, image):
+    sub = workdir / "sub"
+    res = run_cli(nonroot, udir, images[image], "sh", "-c",
+                  "pwd; echo written > out.txt; cat ../ds-file 2>/dev/null || true",
+                  mode=mode, dataset=workdir, cwd=sub)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == str(sub)
+    out = sub / "out.txt"
+    assert out.read_text() == "written\n"
+    st = out.stat()
+    assert (st.st_uid, st.st_gid) == (nonroot.uid, nonroot.gid)
+    # nothing was written into the container instead
+    assert not list(udir.glob(f"containers/*/ROOT{sub}/out.txt"))
+
+
+def test_python_api_captures(nonroot, udir, images, workdir):
+    got = api(nonroot, udir, (
+        "import json; from datalad_udocker.runtime import run_image\n"
+        f"code, out, err = run_image({str(images['busybox'])!r}, "
+        "'sh -c \"echo $FOO; pwd; echo e >&2; exit 3\"', "
+        f"dataset={str(workdir)!r}, cwd={str(workdir)!r}, env={{'FOO': 'bar'}})\n"
+        "print(json.dumps([code, out.decode(), err.decode()]))"))
+    assert got == [3, f"bar\n{workdir}\n", "e\n"]
+
+
+# --- the container cache --------------------------------------------------------------------
+def test_second_run_reuses_container(nonroot, udir, images):
+    first = run_cli(nonroot, udir, images["busybox"], "sh", "-c", "touch /run-marker")
+    assert first.returncode == 0, first.stderr
+    dirs = udocker_container_dirs(udir)
+    assert len(dirs) == 1
+    second = run_cli(nonroot, udir, images["busybox"], "ls", "/run-marker")
+    assert second.returncode == 0, second.stderr       # same ROOT: nothing re-extracted
+    assert udocker_container_dirs(udir) == dirs
+    entries = cached(nonroot, udir)
+    assert [e["container_id"] for e in entries] == dirs
+    # another mode is another container; a changed image is another container
+    assert run_cli(nonroot, udir, images["busybox"], "true", mode="R1").returncode == 0
+    assert run_cli(nonroot, udir, images["layers2"], "true").returncode == 0
+    assert len(udocker_container_dirs(udir)) == 3
+    # the layers were fed by symlink, never copied
+    links = list((udir / "repos").rglob("sha256:*"))
+    assert links and all(p.is_symlink() for p in links)
+    assert not (udir / "layers").exists() or not any((udir / "layers").iterdir())
+
+
+def test_concurrent_first_runs_create_once(nonroot, udir, images):
+    env = nonroot.env({"DATALAD_UDOCKER_DIR": str(udir)})
+    argv = nonroot.command([PY, "-m", "datalad_udocker.runtime_cli", str(images["layers1"]),
+                            "sh", "-c", "echo ok"])
+    procs = [subprocess.Popen(argv, env=env, cwd=str(nonroot.home), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert all(r == ("ok\n", "", 0) for r in results), results
+    assert len(udocker_container_dirs(udir)) == 1
+
+
+def test_list_and_prune(nonroot, udir, images):
+    assert run_cli(nonroot, udir, images["busybox"], "true").returncode == 0
+    assert run_cli(nonroot, udir, images["layers1"], "true").returncode == 0
+    entries = cached(nonroot, udir)
+    assert {e["execmode"] for e in entries} == {"P1"} and len(entries) == 2
+    # a container in use survives a prune
+    busy = subprocess.Popen(
+        nonroot.command([PY, "-m", "datalad_udocker.runtime_cli", str(images["busybox"]),
+                         "sh", "-c", "echo started; sleep 4"]),
+        env=nonroot.env({"DATALAD_UDOCKER_DIR": str(udir)}), stdout=subprocess.PIPE, text=True)
+    assert busy.stdout.readline() == "started\n"
+    got = api(nonroot, udir, (
+        "import json; from datalad_udocker.runtime import Runtime\n"
+        "removed, busy = Runtime().prune()\n"
+        "print(json.dumps([[c.image for c in removed], [c.image for c in busy]]))"))
+    busy.wait(timeout=60)
+    assert got == [[str(images["layers1"])], [str(images["busybox"])]]
+    assert len(udocker_container_dirs(udir)) == 1
+    assert len(list((udir / "repos").rglob("TAG"))) == 1
+
+
+# --- bad input and faults -------------------------------------------------------------------
+def assert_one_line_error(res, code=125, *words):
+    assert res.returncode == code, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("datalad-udocker-run: error:"), res.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def assert_nothing_cached(udir):
+    assert udocker_container_dirs(udir) == []
+    assert not list((udir / "datalad-udocker" / "containers").glob("*.json"))
+
+
+def test_unknown_execmode(nonroot, udir, images):
+    res = run_cli(nonroot, udir, images["busybox"], "true", mode="X9")
+    assert_one_line_error(res, 125, "X9", "P1")
+    assert_nothing_cached(udir)
+
+
+@pytest.mark.parametrize("mode,package", [("P1", "proot"), ("F1", "patchelf")])
+def test_missing_tool_names_package(nonroot, udir, images, mode, package):
+    res = run_cli(nonroot, udir, images["glibc"], "true", mode=mode,
+                  path="/nonexistent")
+    assert_one_line_error(res, 125, f"'{package}'", "apt-get install")
+    assert_nothing_cached(udir)
+    assert not (udir / "bin").exists()          # and no tools tarball was installed
+
+
+def copy_layout(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(dst)], check=True)
+    return dst
+
+
+def first_layer(layout: Path) -> Path:
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((layout / "blobs" / "sha256" /
+                           index["manifests"][0]["digest"].split(":")[1]).read_text())
+    return layout / "blobs" / "sha256" / manifest["layers"][0]["digest"].split(":")[1]
+
+
+def test_corrupt_layer_refused(nonroot, udir, images):
+    layout = copy_layout(images["layers1"], nonroot.make_tempdir() / "img")
+    layer = first_layer(layout)
+    data = bytearray(layer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    layer.write_bytes(bytes(data))
+    res = run_cli(nonroot, udir, layout, "true")
+    assert_one_line_error(res, 125, "corrupt", first_layer(layout).name)
+    assert_nothing_cached(udir)
+    assert not list((udir / "repos").rglob("TAG"))
+
+
+def test_missing_layer_that_cannot_be_fetched(nonroot, udir, images):
+    layout = copy_layout(images["layers1"], nonroot.make_tempdir() / "img")
+    first_layer(layout).unlink()
+    res = run_cli(nonroot, udir, layout, "true")
+    assert_one_line_error(res, 125, "not present")
+    assert_nothing_cached(udir)
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1"])
+def test_command_not_found(nonroot, udir, images, mode):
+    res = run_cli(nonroot, udir, images["busybox"], "/no/such/program", "x", mode=mode)
+    assert_one_line_error(res, 127, "command not found", "/no/such/program")
+    # the container itself is fine and stays cached for the next run
+    assert run_cli(nonroot, udir, images["busybox"], "true", mode=mode).returncode == 0
+    assert len(udocker_container_dirs(udir)) == 1
