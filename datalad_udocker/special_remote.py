@@ -14,9 +14,11 @@ Set up by hand (the import command does this for you)::
         encryption=none autoenable=true
 """
 import logging
+import os
 
 from annexremote import Master, RemoteError, SpecialRemote
 
+from . import config
 from .digest import digest_from_key
 from .errors import NotFoundError, UdockerError
 from .registry.client import RegistryClient, parse_blob_url
@@ -33,10 +35,12 @@ def is_blob_url(url):
 
 
 def _client_for(url):
-    base_url, _, _ = parse_blob_url(url)
-    scheme, _, host = base_url.partition("://")
-    host = host.rstrip("/")
-    return RegistryClient(host, insecure_registries=(host,) if scheme == "http" else ())
+    """A client for the URL's registry.  Plain http only where the user's
+    settings allow it (loopback, datalad.udocker.insecure-registries): an
+    ``http://`` URL in a cloned dataset must not downgrade a remote registry."""
+    from datalad.distribution.dataset import Dataset
+    insecure = config.insecure_registries(Dataset(os.getcwd()))
+    return RegistryClient.for_url(url, insecure_registries=insecure)
 
 
 class RegistryBlobRemote(SpecialRemote):
