@@ -14,5 +14,9 @@ command_suite = (
     [
         ("datalad_udocker.commands.import_image", "UdockerImport",
          "udocker-import", "udocker_import"),
+        ("datalad_udocker.commands.export_image", "UdockerExport",
+         "udocker-export", "udocker_export"),
+        ("datalad_udocker.commands.containers_cache", "UdockerContainers",
+         "udocker-containers", "udocker_containers"),
     ],
 )
