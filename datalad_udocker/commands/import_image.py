@@ -27,13 +27,13 @@ def open_image_source(ds, ref, platform=None, source_ref=None):
     def client_factory(reference):
         return RegistryClient(reference.registry, insecure_registries=insecure)
 
+    wanted = oci.Platform.parse(platform) if platform else None
     if ref.startswith(ARCHIVE_PREFIXES):
         from ..archive_source import open_source
-        return open_source(ref, source_ref, client_factory)
+        return open_source(ref, source_ref, client_factory, platform=wanted)
     if ref.startswith("docker://"):
         ref = ref[len("docker://"):]
     reference = parse_reference(ref)
-    wanted = oci.Platform.parse(platform) if platform else None
     return registry_image_source(client_factory(reference), reference, wanted)
 
 
