@@ -127,11 +127,16 @@ def test_clone_gets_layers_from_registry(ds, registry, tmp_path):
     subprocess.run(["git", "clone", "-q", "--bare", ds.path, str(bare)], check=True)
     subprocess.run(["git", "-C", str(bare), "fetch", "-q", ds.path, "git-annex:git-annex"],
                    check=True)
+    subprocess.run(["git", "-C", str(bare), "remote", "remove", "origin"], check=True)
     clone = dl.clone(str(bare), tmp_path / "clone", result_renderer="disabled")
     assert "udocker-registry" in git(clone.path, "remote").split()   # autoenabled
     layout = Path(clone.path) / ".datalad/environments/multi/image"
+    assert git(clone.path, "remote").split() == ["origin", "udocker-registry"]
     res = clone.get(str(layout), result_renderer="disabled", return_type="list")
     assert {r["status"] for r in res} == {"ok"}
+    files = [r for r in res if r["type"] == "file"]
+    assert len(files) == len(pushed.layers)
+    assert all("udocker-registry" in r["message"] for r in files), files
     assert_valid_layout(clone.path, layout)
     clone.drop(str(layout), result_renderer="disabled", reckless="availability")
     assert not any(p.exists() for p in (layout / "blobs/sha256").iterdir() if p.is_symlink())

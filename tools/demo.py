@@ -51,7 +51,8 @@ def main():
         sh("datalad containers-list", project)
         # a clone elsewhere, with git only: the layers must come from the registry
         sh("git clone -q --bare project project.git && "
-           "git -C project.git fetch -q ../project git-annex:git-annex", out)
+           "git -C project.git fetch -q ../project git-annex:git-annex && "
+           "git -C project.git remote remove origin", out)
         sh("datalad clone project.git clone", out)
         clone = out / "clone"
         sh("datalad get .datalad/environments/hello", clone)
