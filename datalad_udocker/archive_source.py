@@ -72,10 +72,10 @@ def open_source(spec, source_ref=None, client_factory=None, platform=None):
             image = read_oci_layout(reader, wanted, platform)
         layers = [verify_layer(reader, l) for l in image.layers]
     local = _LocalImage(spec, transport, path, image, layers)
-    ref, explicit = _registry_ref(image, source_ref)
+    ref, pinned, explicit = _registry_ref(image, source_ref)
     if ref is not None and client_factory is not None:
         try:
-            return _with_registry(local, ref, client_factory)
+            return _with_registry(local, ref, pinned, client_factory)
         except UdockerError as exc:
             if explicit:
                 raise UdockerError("cannot match %s with %s: %s"
@@ -284,9 +284,13 @@ def _default_name(ref, path):
 
 
 def _registry_ref(image, source_ref):
-    """``(Reference, explicit)`` of the registry image to match, or None."""
+    """``(Reference, pinned_digest, explicit)`` of the registry image to match.
+
+    ``pinned_digest`` is the manifest digest an export recorded: resolving
+    by it finds the very image even if the tag has moved since.
+    """
     if source_ref:
-        return parse_reference(source_ref), True
+        return parse_reference(source_ref), None, True
     ann = image.annotations
     hints = []
     src = ann.get(oci.ANNOTATION_SOURCE)
@@ -298,19 +302,19 @@ def _registry_ref(image, source_ref):
             ref = parse_reference(h)
         except InvalidReference:
             continue
-        if ann.get(oci.ANNOTATION_SOURCE_DIGEST) and h == src:
-            ref = ref.with_digest(ann[oci.ANNOTATION_SOURCE_DIGEST])
-        return ref, False
-    return None, False
+        pinned = ann.get(oci.ANNOTATION_SOURCE_DIGEST) if h == src else None
+        return ref, pinned, False
+    return None, None, False
 
 
-def _with_registry(local, ref, client_factory):
+def _with_registry(local, ref, pinned, client_factory):
     client = client_factory(ref)
     config = json.loads(local.image.config_raw)
     platform = oci.Platform(config.get("os", "linux"),
                             config.get("architecture", ""),
                             config.get("variant") or None)
-    resolved = client.resolve(ref, platform)
+    resolved = client.resolve(ref.with_digest(pinned) if pinned else ref,
+                              platform)
     remote_ids = json.loads(resolved.config_raw)["rootfs"]["diff_ids"]
     by_diff = dict(zip(remote_ids, resolved.manifest.layers))
     layers, descs, notes = [], [], []
@@ -321,6 +325,10 @@ def _with_registry(local, ref, client_factory):
             notes.append("layer %s (diff_id %s) is not in %s: stored from the "
                          "archive, without a registry URL" % (v.digest,
                                                               v.diff_id, ref))
+        elif v.digest == rdesc.digest:   # the archive has the very blob
+            src = local.layer_source(v)
+            src.descriptor = rdesc
+            src.url = client.blob_url(ref.repository, rdesc.digest)
         else:
             url = client.blob_url(ref.repository, rdesc.digest)
 
