@@ -7,15 +7,118 @@ for the host's platform.  The same parser reads a directory
 (:class:`DirReader`) and a tar (an ``oci-archive`` or a Docker >= 25
 ``docker save`` archive without ``manifest.json``) through
 :class:`.docker_archive.TarReader`.  Nothing is extracted or written here.
+
+It also holds what every local image source shares: the
+:class:`ArchiveImage` a reader returns, member-name safety checks
+(:func:`_normalize`), and choosing one image by name (:func:`choose`).
 """
 import json
 import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 from . import oci
-from .docker_archive import (ANNOTATION_CONTAINERD_NAME, MAX_JSON,
-                             ArchiveError, ArchiveImage, ArchiveLayer,
-                             _normalize, check_digest, choose)
-from .errors import UdockerError
+from .errors import ArchiveError, InvalidReference, UdockerError
+from .reference import parse_reference
+
+HEX_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+MAX_JSON = 64 << 20          # refuse absurd JSON members (manifest, config)
+ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
+
+
+# --- the image an archive (or OCI directory) holds ------------------------
+
+@dataclass
+class ArchiveLayer:
+    """One layer as found in an archive: where its bytes are, what they are."""
+    member: str                       # path inside the archive / directory
+    diff_id: str                      # sha256 of the uncompressed tar (config)
+    size: Optional[int] = None        # bytes stored (None: member size)
+    digest: Optional[str] = None      # sha256 of the stored bytes, if declared
+    media_type: Optional[str] = None  # declared media type, if any
+
+
+@dataclass
+class ArchiveImage:
+    """What a reader found: config bytes, layers, names, provenance hints."""
+    config_raw: bytes
+    layers: List[ArchiveLayer]
+    repo_tags: List[str] = field(default_factory=list)
+    manifest: Optional[oci.Manifest] = None   # the stored manifest, if any
+    annotations: Dict[str, str] = field(default_factory=dict)
+    repo_digests: List[str] = field(default_factory=list)
+
+    @property
+    def config(self):
+        return json.loads(self.config_raw)
+
+
+def _normalize(name, what="member"):
+    """Archive-relative POSIX path, or ArchiveError if it is unsafe."""
+    if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
+        raise ArchiveError("unsafe archive: %s %r is an absolute path"
+                           % (what, name))
+    if "\\" in name or "\x00" in name:
+        raise ArchiveError("unsafe archive: %s %r has a backslash or NUL"
+                           % (what, name))
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ArchiveError("unsafe archive: %s %r leaves the archive (..)"
+                           % (what, name))
+    return "/".join(parts)
+
+
+def check_digest(digest, where):
+    if not isinstance(digest, str) or not HEX_DIGEST_RE.match(digest):
+        raise ArchiveError("%s: unsupported or malformed digest %r (only "
+                           "sha256 is supported)" % (where, digest))
+    return digest
+
+
+# --- choosing an image by name -------------------------------------------
+
+def normalize_name(name):
+    """``busybox`` -> ``docker.io/library/busybox:latest``; None if invalid."""
+    try:
+        ref = parse_reference(name)
+    except InvalidReference:
+        return None
+    return "%s/%s:%s" % (ref.registry, ref.repository, ref.tag or "latest")
+
+
+def choose(entries, wanted, names_of, where):
+    """The one entry whose names include ``wanted`` (or the only entry)."""
+    if wanted:
+        key = normalize_name(wanted) or wanted
+        hits = [e for e in entries
+                if key in {normalize_name(n) or n for n in names_of(e)}]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise ArchiveError("%s holds no image named %s; it holds: %s"
+                               % (where, wanted, _listing(entries, names_of)))
+        raise ArchiveError("%s holds several images named %s" % (where, wanted))
+    if len(entries) == 1:
+        return entries[0]
+    if not entries:
+        raise ArchiveError("%s holds no image" % where)
+    raise ArchiveError("%s holds %d images; choose one by appending :NAME:TAG "
+                       "to the source (%s)" % (where, len(entries),
+                                               _listing(entries, names_of)))
+
+
+def _listing(entries, names_of):
+    out = []
+    for i, e in enumerate(entries):
+        names = names_of(e)
+        out.append(", ".join(names) if names else "untagged image #%d" % (i + 1))
+    return "; ".join(out) or "nothing"
+
+
+
+# --- OCI layouts -------------------------------------------------------------
+
 
 
 class DirReader:
