@@ -17,7 +17,7 @@ from ..store import store_image
 
 lgr = logging.getLogger("datalad.udocker.import")
 
-ARCHIVE_PREFIXES = ("docker-archive:", "oci:")
+ARCHIVE_PREFIXES = ("docker-archive:", "oci-archive:", "oci:")
 
 
 def open_image_source(ds, ref, platform=None, source_ref=None):
@@ -44,7 +44,7 @@ class UdockerImport(Interface):
     REF is an image reference as Docker parses it (``busybox``,
     ``quay.io/org/img:tag``, ``localhost:5000/repo@sha256:...``), or a local
     source with skopeo's prefixes: ``docker-archive:FILE.tar[:name:tag]`` or
-    ``oci:DIR[:tag]``.
+    ``oci:DIR[:tag]`` or ``oci-archive:FILE[:tag]``.
 
     The image is written to PATH as an OCI image layout: manifest, config and
     index JSON are committed to git; every layer is annexed under the
