@@ -276,13 +276,15 @@ class Runtime:
 
     # --- running ----------------------------------------------------------
     def run(self, layout, command=(), dataset=None, cwd=None, env=None,
-            capture=False, fetch=None):
+            capture=False, fetch=None, entrypoint=None):
         """Run ``command`` (a list; empty: Entrypoint + Cmd) in the image.
 
         ``dataset`` (a path) is bind-mounted at its own path and the
         command runs in ``cwd`` (default: the current directory) if that is
         inside it, else in the dataset's root; without a dataset it runs in
-        the image's WorkingDir.  ``env`` adds or overrides variables.
+        the image's WorkingDir.  ``env`` adds or overrides variables,
+        ``entrypoint`` replaces the image's Entrypoint (``docker run
+        --entrypoint``).
         With ``capture`` the output is returned, else it goes to this
         process's stdout/stderr.  Returns a RunResult; raises UdockerError
         subclasses when the command could not be started.
@@ -300,6 +302,8 @@ class Runtime:
             opts = ["run", "--nobanner", "--workdir=" + workdir]
             opts += ["--volume=%s:%s" % (b, b) for b in binds]
             opts += ["--env=%s=%s" % kv for kv in sorted((env or {}).items())]
+            if entrypoint:
+                opts.append("--entrypoint=" + entrypoint)
             if self.execmode == "F1":
                 # Debian's libfakechroot ignores udocker's FAKECHROOT_DIR_MAP:
                 # exclude the bound paths from the chroot instead
@@ -397,23 +401,32 @@ def fetch_with_datalad(dataset=None):
         failed = [r for r in results if r.get("status") in ("error",
                                                              "impossible")]
         if failed:
-            msg = failed[0].get("message") or failed[0].get("status")
-            if isinstance(msg, (tuple, list)):
+            res = failed[0]
+            msg = res.get("error_message") or res.get("message")
+            if isinstance(msg, (tuple, list)) and msg:
                 msg = msg[0] % tuple(msg[1:]) if len(msg) > 1 else msg[0]
-            return " ".join(str(msg).split())
+            first = next((ln.strip() for ln in str(msg or "").splitlines()
+                          if ln.strip()), "failed")
+            return "datalad get: " + first
         return None
     return fetch
 
 
 def run_image(image_path, command=(), dataset=None, execmode=None,
-              capture=True, env=None, cwd=None, udocker_dir=None):
+              capture=True, env=None, cwd=None, udocker_dir=None,
+              entrypoint=None):
     """Run ``command`` in the image stored (as an OCI layout) at ``image_path``.
 
     ``command`` is a list of arguments or a string (split like a shell);
     empty runs the image's Entrypoint + Cmd.  ``dataset`` is the dataset to
     bind-mount (and to ``datalad get`` missing layers from; default: the one
     holding the image, for fetching only).  ``execmode`` defaults to
-    ``datalad.udocker.execmode`` (P1).  Returns a :class:`RunResult`.
+    ``datalad.udocker.execmode`` (P1).  ``env`` (a dict) adds variables,
+    ``entrypoint`` replaces the image's.  With ``capture`` (default) the
+    output is returned as bytes, else it goes to this process's stdout and
+    stderr.  Returns a :class:`RunResult`; raises a
+    :class:`~.errors.UdockerError` (:class:`CommandNotFound` for a command
+    missing in the image) when the command could not be started.
     """
     import shlex
     if isinstance(command, str):
@@ -425,4 +438,4 @@ def run_image(image_path, command=(), dataset=None, execmode=None,
     runtime = Runtime(udocker_dir, execmode, ds_obj)
     fetch = fetch_with_datalad(str(dataset) if dataset is not None else None)
     return runtime.run(image_path, command, dataset=dataset, cwd=cwd, env=env,
-                       capture=capture, fetch=fetch)
+                       capture=capture, fetch=fetch, entrypoint=entrypoint)

@@ -7,7 +7,8 @@ command registers (``datalad.containers.<name>.cmdexec``)::
 
 and users can call it directly (console script ``datalad-udocker-run``)::
 
-    datalad-udocker-run [--dataset DS] [--execmode P1|P2|F1|R1] IMAGE [CMD ...]
+    datalad-udocker-run [--dataset DS] [--execmode P1|P2|F1|R1]
+                        [--entrypoint PROG] IMAGE [CMD ...]
 
 IMAGE is the image's layout directory in a dataset.  Missing layers are
 fetched with ``datalad get`` first; an empty CMD runs the image's Entrypoint
@@ -39,6 +40,8 @@ def parse_args(argv):
     parser.add_argument("--execmode", default=None,
                         help="udocker execution mode (P1, P2, F1, R1); "
                         "default: datalad.udocker.execmode or P1")
+    parser.add_argument("--entrypoint", default=None,
+                        help="replace the image's Entrypoint")
     parser.add_argument("image", help="the image's layout directory")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="command and arguments (default: the image's "
@@ -57,7 +60,8 @@ def main(argv=None):
     from .runtime import CommandNotFound, run_image
     try:
         result = run_image(args.image, args.command, dataset=args.dataset,
-                           execmode=args.execmode, capture=False)
+                           execmode=args.execmode, capture=False,
+                           entrypoint=args.entrypoint)
     except CommandNotFound as exc:
         _error(exc)
         return EXIT_NOT_FOUND
