@@ -32,11 +32,8 @@ import contextlib
 import fcntl
 import json
 import os
-import re
+import shlex
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,20 +42,14 @@ from typing import Optional
 from . import config
 from .errors import LayoutError, RuntimeError_
 from .layout import OCILayout
+from .udocker_cli import CommandNotFound, UdockerCLI
 from .udocker_repo import STATE_DIR, UdockerRepo, missing_blobs
-from .udocker_tools import (check_execmode, find_tools, udocker_environment,
-                            write_wrappers)
+from .udocker_tools import check_execmode, find_tools
 
-_UDOCKER_MAIN = ("import sys; from udocker.maincmd import main; "
-                 "sys.argv[0] = 'udocker'; sys.exit(main())")
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
-                      r"[0-9a-f]{12}$")
+__all__ = ["run_image", "RunResult", "Runtime", "CachedContainer",
+           "CommandNotFound", "plan_mounts"]
+
 NAME_PREFIX = "dlu-"
-
-
-class CommandNotFound(RuntimeError_):
-    """The command (or entrypoint) does not exist in the container."""
-    exit_code = 127
 
 
 @dataclass
@@ -98,23 +89,7 @@ class Runtime:
         self.execmode = check_execmode(execmode or config.execmode(dataset))
         self.state_dir = self.udocker_dir / STATE_DIR
         self.repo = UdockerRepo(self.udocker_dir)
-
-    # --- udocker subprocess ---------------------------------------------
-    def _udocker(self, args, env_extra=None, bin_dir=None, pass_fds=(),
-                 stdin=subprocess.DEVNULL):
-        """Run udocker; returns (exit status, its own stdout+stderr text)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-c", _UDOCKER_MAIN, "-q"]
-        if os.geteuid() == 0:
-            argv.append("--allow-root")
-        with tempfile.TemporaryFile(dir=self.state_dir) as chatter:
-            proc = subprocess.run(
-                argv + list(args), cwd=self.state_dir, stdin=stdin,
-                stdout=chatter, stderr=subprocess.STDOUT, pass_fds=pass_fds,
-                env=udocker_environment(self.udocker_dir, env_extra or {},
-                                        bin_dir))
-            chatter.seek(0)
-            return proc.returncode, chatter.read().decode(errors="replace")
+        self.udocker = UdockerCLI(self.udocker_dir, self.state_dir)
 
     # --- cache ------------------------------------------------------------
     def _state_path(self, name):
@@ -180,7 +155,7 @@ class Runtime:
             state.unlink()
         link = self.udocker_dir / "containers" / name
         if os.path.lexists(link):
-            self._udocker(["rm", "-f", name])
+            self.udocker.remove(name)
             if os.path.lexists(link):      # udocker could not: do it by hand
                 target = os.path.realpath(link)
                 os.unlink(link)
@@ -241,24 +216,12 @@ class Runtime:
         self._discard(name)          # leftovers of an interrupted creation
         cid = None
         try:
-            rc, out = self._udocker(["create", "--name=" + name, fed.spec])
-            ids = [w for w in out.split() if _UUID_RE.match(w)]
-            cid = ids[-1] if ids else None
-            if rc or not cid or "Error" in out:
-                raise RuntimeError_("udocker could not create a container "
-                                    "from %s: %s" % (layout.path,
-                                                     _first_error(out)))
-            rc, out = self._udocker(
-                ["setup", "--execmode=" + self.execmode, cid],
-                {k: v for k, v in (
-                    ("UDOCKER_FAKECHROOT_SO", tools.get("fakechroot_so")),
-                    ("UDOCKER_USE_PATCHELF_EXECUTABLE",
-                     tools.get("patchelf"))) if v})
+            cid = self.udocker.create(name, fed.spec)
+            self.udocker.setup(cid, self.execmode, tools)
             path = self.udocker_dir / "containers" / cid
-            if rc or "Error" in out or not (path / "ROOT").is_dir():
-                raise RuntimeError_("udocker could not set up execution mode "
-                                    "%s: %s" % (self.execmode,
-                                                _first_error(out)))
+            if not (path / "ROOT").is_dir():
+                raise RuntimeError_("udocker created no container ROOT in %s"
+                                    % path)
             entry = CachedContainer(name, cid, fed.manifest_digest,
                                     self.execmode, str(layout.path),
                                     time.time(), time.time(), str(path))
@@ -271,7 +234,7 @@ class Runtime:
         except BaseException:
             self._discard(name)
             if cid and (self.udocker_dir / "containers" / cid).exists():
-                self._udocker(["rm", "-f", cid])
+                self.udocker.remove(cid)
             raise
 
     # --- running ----------------------------------------------------------
@@ -299,7 +262,7 @@ class Runtime:
             if workdir is None:
                 workdir = (layout.config().get("config") or {}).get(
                     "WorkingDir") or "/"
-            opts = ["run", "--nobanner", "--workdir=" + workdir]
+            opts = ["--nobanner", "--workdir=" + workdir]
             opts += ["--volume=%s:%s" % (b, b) for b in binds]
             opts += ["--env=%s=%s" % kv for kv in sorted((env or {}).items())]
             if entrypoint:
@@ -310,45 +273,10 @@ class Runtime:
                 opts += ["--nosysdirs", "--env=FAKECHROOT_EXCLUDE_PATH=" +
                          ":".join(["/dev", "/proc", "/sys", "/etc/resolv.conf",
                                    "/etc/host.conf"] + binds)]
-            return self._run_container(entry, opts + [entry.container_id] +
-                                       list(command), capture)
-
-    def _run_container(self, entry, args, capture):
-        tools = find_tools(self.execmode, self.udocker_dir)
-        run_root = self.state_dir / "run"
-        run_root.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as stack:
-            tmp = Path(stack.enter_context(
-                tempfile.TemporaryDirectory(dir=run_root)))
-            files = [stack.enter_context(open(tmp / n, "w+b"))
-                     for n in ("stdout", "stderr", "status")]
-            if capture:
-                fds = [f.fileno() for f in files]
-            else:
-                for stream in (sys.stdout, sys.stderr):
-                    stream.flush()
-                fds = [os.dup(1), os.dup(2), files[2].fileno()]
-                stack.callback(os.close, fds[0])
-                stack.callback(os.close, fds[1])
-            tool_env = write_wrappers(tmp / "bin", tools, fds)
-            rc, chatter = self._udocker(
-                args, tool_env, bin_dir=tmp / "bin", pass_fds=fds,
-                stdin=subprocess.DEVNULL if capture else None)
-            for f in files:      # the children moved the shared offsets
-                f.seek(0)
-            status = files[2].read().decode().split()
-            out = err = None
-            if capture:
-                out, err = (f.read() for f in files[:2])
-        if status:
-            return RunResult(int(status[-1]), out, err)
-        if "command not found" in chatter:
-            raise CommandNotFound(
-                "command not found in the container: %s"
-                % (" ".join(args[args.index(entry.container_id) + 1:])
-                   or "its Entrypoint/Cmd"))
-        raise RuntimeError_("udocker could not run the container (status "
-                            "%d): %s" % (rc, _first_error(chatter)))
+            code, out, err = self.udocker.run(
+                opts, entry.container_id, command,
+                find_tools(self.execmode, self.udocker_dir), capture)
+            return RunResult(code, out, err)
 
 
 def plan_mounts(dataset, cwd=None):
@@ -368,12 +296,6 @@ def plan_mounts(dataset, cwd=None):
         if cwd == root or cwd.startswith(root.rstrip("/") + "/"):
             return binds, cwd
     return binds, ds
-
-
-def _first_error(text):
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("Error")]
-    return (errors or lines or ["no message"])[0]
 
 
 def _force_rmtree(path):
@@ -428,7 +350,6 @@ def run_image(image_path, command=(), dataset=None, execmode=None,
     :class:`~.errors.UdockerError` (:class:`CommandNotFound` for a command
     missing in the image) when the command could not be started.
     """
-    import shlex
     if isinstance(command, str):
         command = shlex.split(command)
     ds_obj = None

@@ -58,10 +58,13 @@ def workdir(nonroot):
     return path
 
 
-def run_cli(nonroot, udir, image, *cmd, mode="P1", dataset=None, cwd=None, path=None):
+def run_cli(nonroot, udir, image, *cmd, mode="P1", dataset=None, cwd=None, path=None,
+            entrypoint=None):
     """``datalad-udocker-run`` as the user (with ``path`` as its PATH if given)."""
     argv = ["/usr/bin/env", f"PATH={path}"] if path else []
     argv += [PY, "-m", "datalad_udocker.runtime_cli", "--execmode", mode]
+    if entrypoint:
+        argv += ["--entrypoint", entrypoint]
     if dataset is not None:
         argv += ["--dataset", str(dataset)]
     return nonroot.run(argv + [str(image), *cmd], cwd=cwd,
@@ -208,6 +211,24 @@ def test_list_and_prune(nonroot, udir, images):
     assert len(list((udir / "repos").rglob("TAG"))) == 1
 
 
+def test_udocker_containers_command(nonroot, udir, images):
+    assert run_cli(nonroot, udir, images["busybox"], "true").returncode == 0
+    assert run_cli(nonroot, udir, images["busybox"], "true", mode="R1").returncode == 0
+    call = ("import json; from datalad_udocker.commands.containers_cache import "
+            "UdockerContainers as C\n"
+            "res = C.__call__(%sresult_renderer='disabled', return_type='list')\n"
+            "print(json.dumps([(r['action'], r['status'], r.get('execmode'), r.get('image'))"
+            " for r in res]))")
+    listed = api(nonroot, udir, call % "")
+    assert sorted(listed) == [["udocker_containers", "ok", m, str(images["busybox"])]
+                              for m in ("P1", "R1")]
+    assert api(nonroot, udir, call % "prune=True, older_than=1, ") == []
+    pruned = api(nonroot, udir, call % "prune=True, ")
+    assert sorted(r[:2] for r in pruned) == [["udocker_prune", "ok"]] * 2
+    assert api(nonroot, udir, call % "") == []
+    assert udocker_container_dirs(udir) == []
+
+
 # --- bad input and faults -------------------------------------------------------------------
 def assert_one_line_error(res, code=125, *words):
     assert res.returncode == code, (res.stdout, res.stderr)
@@ -274,6 +295,12 @@ def test_missing_layer_that_cannot_be_fetched(nonroot, udir, images):
 def test_command_not_found(nonroot, udir, images, mode):
     res = run_cli(nonroot, udir, images["busybox"], "/no/such/program", "x", mode=mode)
     assert_one_line_error(res, 127, "command not found", "/no/such/program")
+    res = run_cli(nonroot, udir, images["busybox"], "arg", entrypoint="/no/entry", mode=mode)
+    assert_one_line_error(res, 127, "command not found", "/no/entry")
+    # udocker's own options after the image are the command's arguments
+    res = run_cli(nonroot, udir, images["busybox"], "echo", "-v", "/a:/b", "--rm",
+                  "--entrypoint=/x", mode=mode)
+    assert (res.returncode, res.stdout) == (0, "-v /a:/b --rm --entrypoint=/x\n")
     # the container itself is fine and stays cached for the next run
     assert run_cli(nonroot, udir, images["busybox"], "true", mode=mode).returncode == 0
     assert len(udocker_container_dirs(udir)) == 1
