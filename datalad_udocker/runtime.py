@@ -173,6 +173,10 @@ class Runtime:
                     now - entry.last_used < older_than:
                 continue
             (removed if self.remove(entry.name) else busy).append(entry)
+        for stale in (self.state_dir / "run").glob("tmp*"):
+            # leftovers of killed runs (a live run's directory is recent)
+            if now - stale.stat().st_mtime > 86400:
+                shutil.rmtree(stale, ignore_errors=True)
         needed = {c.manifest_digest for c in self.containers()}
         for digest in self.repo.fed_digests():
             if digest not in needed:
