@@ -85,8 +85,7 @@ def test_entrypoint_cmd_env_and_cwd(user, registry):
     (clone / "sub").mkdir()
     user.nonroot._chown(clone / "sub")
     # empty command: Entrypoint + Cmd; cwd = caller's directory inside the dataset
-    res = user.run(["datalad", "containers-run", "-n", "multi", "--output", "log.txt",
-                    "--explicit", "", ], cwd=clone / "sub")
+    res = user.run(["datalad", "containers-run", "-n", "multi", ""], cwd=clone / "sub")
     assert f"greeting=hello version=1 cwd={clone}/sub args=default-arg" in res.stdout
     res = user.run(["datalad", "containers-run", "-n", "multi", "a b"], cwd=clone)
     assert f"greeting=hello version=1 cwd={clone} args=a b" in res.stdout
@@ -155,3 +154,15 @@ def test_layers_that_cannot_be_fetched(user, make_registry):
     assert res.returncode == 125
     assert "not present and could not be fetched" in one_line_error(res)
     assert user.containers() == []
+
+
+def test_containers_run_from_python(user, registry):
+    """What a notebook does: datalad.api.containers_run, recorded like the CLI."""
+    clone = user.imported_clone(registry, "test/single:1", "single")
+    code = ("import datalad.api as dl\n"
+            f"dl.containers_run(\"sh -c 'echo from-python > py.txt'\", container_name='single',"
+            f" outputs=['py.txt'], dataset={str(clone)!r}, result_renderer='disabled')\n")
+    user.run(["python", "-c", code], cwd=clone)
+    assert (clone / "py.txt").read_text() == "from-python\n"
+    assert user.run(["git", "status", "--porcelain"], cwd=clone).stdout == ""
+    assert "[DATALAD RUNCMD]" in user.run(["git", "log", "-1", "--format=%B"], cwd=clone).stdout
