@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,9 @@ class User:
 
 @pytest.fixture
 def user(nonroot):
-    return User(nonroot)
+    user = User(nonroot)
+    yield user
+    shutil.rmtree(user.base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("mode,ref,name", [("P1", "test/single:1", "single"),
@@ -83,7 +86,7 @@ def test_containers_run_in_clone_and_rerun(user, registry, mode, ref, name):
 def test_entrypoint_cmd_env_and_cwd(user, registry):
     clone = user.imported_clone(registry, "test/multi:1", "multi")
     (clone / "sub").mkdir()
-    user.nonroot._chown(clone / "sub")
+    user.nonroot.chown(clone / "sub")
     # empty command: Entrypoint + Cmd; cwd = caller's directory inside the dataset
     res = user.run(["datalad", "containers-run", "-n", "multi", ""], cwd=clone / "sub")
     assert f"greeting=hello version=1 cwd={clone}/sub args=default-arg" in res.stdout

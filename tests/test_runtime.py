@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def build(root: Path, name: str, layers, **config) -> Path:
 def images(nonroot):
     """Single-image OCI layouts (plain files, readable by the non-root user)."""
     root = nonroot.make_tempdir("udtest-images-")
+    yield _built_images(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _built_images(root: Path) -> dict:
     busybox = im.make_layer(im.busybox_rootfs())
     multi_cfg = dict(env=[ENV_PATH, "GREETING=hello", "MULTI_VERSION=1"],
                      entrypoint=["/app/run.sh"], cmd=["default-arg"], workdir="/app")
@@ -45,7 +51,9 @@ def images(nonroot):
 @pytest.fixture
 def udir(nonroot):
     """A fresh udocker directory owned by the non-root user."""
-    return nonroot.make_tempdir("udtest-udocker-") / "udocker"
+    base = nonroot.make_tempdir("udtest-udocker-")
+    yield base / "udocker"
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
@@ -54,8 +62,9 @@ def workdir(nonroot):
     path = nonroot.make_tempdir("udtest-ds-")
     sub = path / "sub"
     sub.mkdir()
-    nonroot._chown(sub)
-    return path
+    nonroot.chown(sub)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_cli(nonroot, udir, image, *cmd, mode="P1", dataset=None, cwd=None, path=None,
@@ -272,7 +281,7 @@ def first_layer(layout: Path) -> Path:
 
 
 def test_corrupt_layer_refused(nonroot, udir, images):
-    layout = copy_layout(images["layers1"], nonroot.make_tempdir() / "img")
+    layout = copy_layout(images["layers1"], udir.parent / "img")
     layer = first_layer(layout)
     data = bytearray(layer.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -284,7 +293,7 @@ def test_corrupt_layer_refused(nonroot, udir, images):
 
 
 def test_missing_layer_that_cannot_be_fetched(nonroot, udir, images):
-    layout = copy_layout(images["layers1"], nonroot.make_tempdir() / "img")
+    layout = copy_layout(images["layers1"], udir.parent / "img")
     first_layer(layout).unlink()
     res = run_cli(nonroot, udir, layout, "true")
     assert_one_line_error(res, 125, "not present")
