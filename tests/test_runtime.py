@@ -108,6 +108,8 @@ def test_output_exit_code_and_no_banners(nonroot, udir, images, mode):
     assert (res.returncode, res.stdout, res.stderr) == (7, "out\n", "err\n")
     res = run_cli(nonroot, udir, images["busybox"], "true", mode=mode)
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    # udocker never installed its tools tarball: it used the host's tools
+    assert not [p for d in ("bin", "lib") if (udir / d).exists() for p in (udir / d).iterdir()]
 
 
 def test_proot_k_bug_worked_around(nonroot, udir, images):
