@@ -315,3 +315,11 @@ def test_command_not_found(nonroot, udir, images, mode):
     # the container itself is fine and stays cached for the next run
     assert run_cli(nonroot, udir, images["busybox"], "true", mode=mode).returncode == 0
     assert len(udocker_container_dirs(udir)) == 1
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1"])
+def test_stdin_reaches_the_command(nonroot, udir, images, mode):
+    res = nonroot.run([PY, "-m", "datalad_udocker.runtime_cli", "--execmode", mode,
+                       str(images["busybox"]), "cat"],
+                      env={"DATALAD_UDOCKER_DIR": str(udir)}, input="piped\n", check=False)
+    assert (res.returncode, res.stdout, res.stderr) == (0, "piped\n", "")
