@@ -62,3 +62,11 @@ def dataset_state(ds_path) -> dict:
         "files": sorted(str(p.relative_to(ds_path)) for p in ds_path.rglob("*")
                         if ".git" not in p.relative_to(ds_path).parts),
     }
+
+
+def imp(ds, ref, **kw):
+    """``ds.udocker_import(ref, **kw)`` -> its single result record (errors not raised)."""
+    res = ds.udocker_import(ref, result_renderer="disabled", return_type="list",
+                            on_failure="ignore", **kw)
+    assert len(res) == 1, res
+    return res[0]

@@ -169,3 +169,10 @@ def nonroot():
     runner = UserRunner()
     yield runner
     shutil.rmtree(runner.home, ignore_errors=True)
+
+
+@pytest.fixture
+def ds(tmp_path):
+    """A fresh DataLad dataset (with annex) in the test's tmp dir."""
+    import datalad.api as dl
+    return dl.create(tmp_path / "ds", result_renderer="disabled")

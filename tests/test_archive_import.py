@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import datalad.api as dl
 
-from checks import assert_valid_layout, dataset_state, git
+from checks import assert_valid_layout, dataset_state, git, imp
 from test_docker_archive import _add, classic_archive, make_image
 
 import datalad_udocker.commands.export_image  # noqa: F401  (binds Dataset.udocker_export)
@@ -89,18 +89,6 @@ def saved(registry, dockerd, tmp_path_factory):
     for name in ("multi", "both", "derived"):
         to_docker25(d / f"{name}.tar", d / f"{name}-25.tar")
     return d
-
-
-@pytest.fixture
-def ds(tmp_path):
-    return dl.create(tmp_path / "ds", result_renderer="disabled")
-
-
-def imp(ds, ref, **kw):
-    res = ds.udocker_import(ref, result_renderer="disabled", return_type="list",
-                            on_failure="ignore", **kw)
-    assert len(res) == 1, res
-    return res[0]
 
 
 def test_real_docker_save_is_the_classic_flavour(saved):

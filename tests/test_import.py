@@ -9,21 +9,9 @@ from pathlib import Path
 import pytest
 import datalad.api as dl
 
-from checks import assert_valid_layout, dataset_state, git
+from checks import assert_valid_layout, dataset_state, git, imp
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def ds(tmp_path):
-    return dl.create(tmp_path / "ds", result_renderer="disabled")
-
-
-def imp(ds, ref, **kw):
-    res = ds.udocker_import(ref, result_renderer="disabled", return_type="list",
-                            on_failure="ignore", **kw)
-    assert len(res) == 1, res
-    return res[0]
 
 
 def keys_of(pushed):

@@ -124,6 +124,18 @@ def error_codes(response):
         return (), ""
 
 
+# errno values and resolver failures that say "nobody is there": a registry
+# that is down or a host name that does not resolve; worth a short retry for
+# a restarting service, not a long back-off.
+_NOBODY_THERE = re.compile(r"\[Errno (111|-2|-3|-5)\]|Connection refused|"
+                           r"Name or service not known|"
+                           r"Temporary failure in name resolution")
+
+
+def _nobody_there(exc):
+    return bool(_NOBODY_THERE.search(str(exc)))
+
+
 def _connection_reason(exc):
     """A short, URL-free reason for a connection failure."""
     m = re.search(r"\[Errno [^\]]+\][^'\")]*", str(exc))
@@ -217,7 +229,8 @@ class Transport:
                     % (urlsplit(url).netloc.rpartition("@")[2],
                        type(exc).__name__), url=redact_url(url))
             except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt >= self.retries:
+                limit = min(self.retries, 2) if _nobody_there(exc) else self.retries
+                if attempt >= limit:
                     raise RegistryError(
                         "cannot reach %s after %d attempts (%s); check the "
                         "network and the registry name"
