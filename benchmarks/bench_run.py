@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import git_identity_env, measure, start_registry_with_image, table
+from common import git_identity_env, imported_dataset, measure, start_registry_with_image, table
 
 
 def main():
@@ -29,12 +29,7 @@ def main():
     env["DATALAD_UDOCKER_DIR"] = str(work / "ours")
     env["DATALAD_UDOCKER_EXECMODE"] = args.execmode
     try:
-        ds = work / "ds"
-        subprocess.run(["datalad", "create", str(ds)], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["datalad", "udocker-import", "-n", "big", ref], cwd=ds, env=env,
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        layout = ds / ".datalad/environments/big/image"
+        ds, layout = imported_dataset(work, ref, env)
         print(f"image {ref}: {total / 2**20:.1f} MiB compressed, mode {args.execmode}")
         run = ["datalad-udocker-run", "--dataset", str(ds), "--execmode", args.execmode,
                str(layout), "true"]

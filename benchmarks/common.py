@@ -75,3 +75,13 @@ def git_identity_env():
     env.setdefault("GIT_COMMITTER_NAME", "bench")
     env.setdefault("GIT_COMMITTER_EMAIL", "bench@example.org")
     return env
+
+
+def imported_dataset(work, ref, env, name="big"):
+    """A new dataset in ``work`` with ``ref`` imported as ``name``; returns (ds, layout)."""
+    ds = Path(work) / "ds"
+    subprocess.run(["datalad", "create", str(ds)], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["datalad", "udocker-import", "-n", name, ref], cwd=ds, env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return ds, ds / ".datalad" / "environments" / name / "image"
