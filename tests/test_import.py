@@ -146,3 +146,13 @@ def test_special_remote_is_read_only(ds, registry):
     # the registry still has it, and git-annex still knows
     out = git(ds.path, "annex", "checkpresentkey", key, "udocker-registry")
     assert out == ""
+
+
+def test_import_by_digest_wins_over_tag(ds, registry):
+    v1, v2 = registry.images["test/multi:1"], registry.images["test/multi:2"]
+    # tag says 2, digest says 1: the digest wins, the tag is kept as a label
+    res = imp(ds, f"{registry.host}/{v2.name}:2@{v1.manifest_digest}", name="pinned")
+    assert res["status"] == "ok", res
+    assert res["manifest_digest"] == v1.manifest_digest
+    manifest, _ = assert_valid_layout(ds.path, res["path"])
+    assert [l["digest"] for l in manifest["layers"]] == [l.digest for l in v1.layers]
