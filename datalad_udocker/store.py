@@ -140,7 +140,8 @@ def _download_missing(layers, staging, jobs, description):
 
     Workers are daemon threads: on the first error or on Ctrl-C the main
     thread stops waiting at once (a worker sleeping in a retry back-off must
-    not delay the interrupt), and the caller removes ``staging``.
+    not delay the interrupt), the others stop at their next chunk, and the
+    caller removes ``staging``.
     """
     if not layers:
         return {}
@@ -149,12 +150,14 @@ def _download_missing(layers, staging, jobs, description):
     lock = threading.Lock()
     todo = list(layers)
     staged, errors = {}, []
-    finished = threading.Event()
+    finished, cancelled = threading.Event(), threading.Event()
     log_progress(lgr.info, pid, "Downloading %d layer(s) of %s",
                  len(layers), description, total=total, label="Downloading",
                  unit=" Bytes")
 
     def progress(n):
+        if cancelled.is_set():      # stop a worker at its next chunk
+            raise UdockerError("download cancelled")
         with lock:
             log_progress(lgr.info, pid, "", update=n, increment=True,
                          noninteractive_level=5)
@@ -184,6 +187,7 @@ def _download_missing(layers, staging, jobs, description):
         while not finished.wait(0.2):
             pass
     finally:
+        cancelled.set()
         log_progress(lgr.info, pid, "Downloaded %s", description)
     if errors:
         raise errors[0]
