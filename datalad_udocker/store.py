@@ -58,7 +58,18 @@ def store_image(ds, image, path=None, name=None, jobs=4):
     layout_dir = Path(path) if path else default_image_path(ds.path, name)
     if not layout_dir.is_absolute():
         layout_dir = Path(ds.path) / layout_dir
-    relpath = layout_dir.relative_to(ds.path).as_posix()
+    layout_dir = Path(os.path.normpath(layout_dir))
+    try:
+        relpath = layout_dir.relative_to(ds.path).as_posix()
+    except ValueError:
+        raise UdockerError("%s is outside the dataset %s; give a path inside "
+                           "it" % (layout_dir, ds.path)) from None
+    if relpath == "." or relpath.startswith(".git/") or relpath == ".git":
+        raise UdockerError("cannot store an image at %s; give a directory "
+                           "inside the dataset" % layout_dir)
+    if not hasattr(ds.repo, "call_annex"):
+        raise UdockerError("dataset %s has no git-annex; create it with "
+                           "`datalad create` (without --no-annex)" % ds.path)
     _check_container_name(ds, name, relpath)
     outcome = StoreOutcome("ok", str(layout_dir), name, image.manifest.digest)
     if _already_stored(ds, layout_dir, image, name, relpath):

@@ -65,6 +65,17 @@ def test_invalid_reference(ds, ref):
     assert_fails_cleanly(ds, ref, "invalid")
 
 
+def test_bad_target_paths(ds, registry, tmp_path):
+    ref = registry.images["test/single:1"].reference
+    assert_fails_cleanly(ds, ref, "outside the dataset", path=str(tmp_path / "elsewhere"))
+    assert_fails_cleanly(ds, ref, "inside the dataset", path=ds.path)
+
+
+def test_dataset_without_annex(tmp_path, registry):
+    plain = dl.create(tmp_path / "plain", annex=False, result_renderer="disabled")
+    assert_fails_cleanly(plain, registry.images["test/single:1"].reference, "no git-annex")
+
+
 def test_no_matching_platform_lists_platforms(ds, registry):
     res = assert_fails_cleanly(ds, registry.images["test/multiarch:1"].reference,
                                "linux/amd64, linux/arm64, linux/arm/v7",
