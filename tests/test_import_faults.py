@@ -221,3 +221,14 @@ def test_interrupt_leaves_dataset_untouched(ds, registry, fault_proxy):
     assert proc.returncode != 0
     assert dataset_state(ds.path) == before
     assert not list((Path(ds.path) / ".git/annex/tmp").glob("datalad-udocker-*"))
+
+
+def test_cli_error_is_one_line_and_nonzero(ds, registry):
+    before = dataset_state(ds.path)
+    proc = subprocess.run(["datalad", "udocker-import", f"{registry.host}/test/single:nope"],
+                          cwd=ds.path, capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = [l for l in proc.stdout.splitlines() if "udocker_import(error)" in l]
+    assert len(lines) == 1 and "not found" in lines[0] and "check the image name" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert dataset_state(ds.path) == before
