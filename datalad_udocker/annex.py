@@ -56,11 +56,13 @@ def set_key_content(repo_path, key, verified_file):
     annex(repo_path, "setkey", key, verified_file, config=["annex.verify=false"])
 
 
-def content_present(repo_path, key):
-    proc = subprocess.run(["git", "annex", "contentlocation", key],
-                          cwd=repo_path, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
-    return proc.returncode == 0 and bool(proc.stdout.strip())
+def keys_present(repo_path, keys):
+    """The subset of ``keys`` whose content is in the local annex (one call)."""
+    keys = list(keys)
+    if not keys:
+        return set()
+    out = annex(repo_path, "contentlocation", batch=keys).split("\n")
+    return {k for k, loc in zip(keys, out) if loc.strip()}
 
 
 def drop_key(repo_path, key):
@@ -79,9 +81,9 @@ def ensure_special_remote(repo_path, name, externaltype):
     uuid = remote_uuid(repo_path, name)
     if uuid:
         return uuid
-    try:
+    if _remote_known(repo_path, name):      # initialised in another clone
         annex(repo_path, "enableremote", name)
-    except UdockerError:
+    else:
         annex(repo_path, "initremote", name, "type=external",
               "externaltype=" + externaltype, "encryption=none",
               "autoenable=true")
@@ -90,3 +92,12 @@ def ensure_special_remote(repo_path, name, externaltype):
         raise UdockerError("could not set up the git-annex special remote %s"
                            % name)
     return uuid
+
+
+def _remote_known(repo_path, name):
+    """Is a special remote ``name`` recorded in the git-annex branch?"""
+    proc = subprocess.run(["git", "cat-file", "-p", "git-annex:remote.log"],
+                          cwd=repo_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+    return any(("name=%s" % name) in line.split()
+               for line in proc.stdout.splitlines())

@@ -82,8 +82,8 @@ def store_image(ds, image, path=None, name=None, jobs=4):
     keys = {l.descriptor.digest: annex_key(l.descriptor.digest, l.descriptor.size)
             for l in image.layers}
     unique = {l.descriptor.digest: l for l in image.layers}
-    missing = [l for d, l in unique.items()
-               if not annex.content_present(ds.path, keys[d])]
+    present = annex.keys_present(ds.path, (keys[d] for d in unique))
+    missing = [l for d, l in unique.items() if keys[d] not in present]
     outcome.downloaded = [l.descriptor.digest for l in missing]
     outcome.reused = [d for d in unique if d not in outcome.downloaded]
 
