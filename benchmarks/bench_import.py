@@ -8,7 +8,6 @@ more than the others (git-annex keys, URL registration, a commit); the ratio sho
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import tempfile

@@ -5,13 +5,11 @@ on the same machine and print ratios; they assert nothing about absolute speed.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

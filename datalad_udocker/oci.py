@@ -6,7 +6,7 @@ types are understood; everything else is refused with UnsupportedMediaType.
 import json
 import platform as _platform
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from .digest import sha256_digest
 from .errors import DigestMismatch, PlatformNotFound, UnsupportedMediaType

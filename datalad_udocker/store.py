@@ -27,7 +27,7 @@ from typing import List
 
 from datalad.log import log_progress
 
-from . import annex, config, oci
+from . import annex, config
 from .digest import annex_key
 from .errors import UdockerError
 from .layout import OCILayout, write_json_files

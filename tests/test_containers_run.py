@@ -7,7 +7,6 @@ registry through the special remote) in P1, F1 and R1, ``datalad rerun``.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path

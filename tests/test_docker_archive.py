@@ -24,7 +24,7 @@ from datalad_udocker.archive_source import open_source, parse_spec
 from datalad_udocker.docker_archive import (TarReader, read_docker_archive,
                                             write_archive)
 from datalad_udocker.errors import ArchiveError, DigestMismatch, UdockerError
-from datalad_udocker.oci_archive import DirReader, read_oci_layout
+from datalad_udocker.oci_archive import DirReader
 
 
 def _hex(data):

@@ -9,15 +9,13 @@ import os
 import subprocess
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from fixtures import images as im
-from fixtures.catalogue import build_catalogue, push_standard_images
+from fixtures.catalogue import build_catalogue
 from fixtures.push import BlobInfo
-from fixtures.registry import Registry
 
 STANDARD = ["test/single:1", "test/shared:1", "test/multi:1", "test/multi:2", "test/docker:1",
             "test/zstd:1", "test/glibc:1", "test/plain:1", "test/multiarch:1"]

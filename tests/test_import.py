@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import datalad.api as dl
 
-from checks import assert_valid_layout, dataset_state, git, imp
+from checks import assert_valid_layout, git, imp
 
 pytestmark = pytest.mark.timeout(300)
 

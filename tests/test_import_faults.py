@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
-import io
 import json
-import os
 import signal
 import subprocess
-import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -35,7 +30,7 @@ def assert_fails_cleanly(ds, ref, expect, **kw):
 
 def docker_config(tmp_path, monkeypatch, host, user, password):
     d = tmp_path / "docker-config"
-    d.mkdir()
+    d.mkdir(parents=True)
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
     (d / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
     monkeypatch.setenv("DOCKER_CONFIG", str(d))
@@ -123,7 +118,7 @@ def test_basic_auth(ds, basic_registry, tmp_path, monkeypatch):
     assert_fails_cleanly(ds, pushed.reference, "docker login")
     monkeypatch.undo()
     docker_config(tmp_path / "good", monkeypatch, basic_registry.host,
-                  basic_registry.username, basic_registry.password) if (tmp_path / "good").mkdir() is None else None
+                  basic_registry.username, basic_registry.password)
     res = imp(ds, pushed.reference)
     assert res["status"] == "ok", res
     assert_valid_layout(ds.path, res["path"])
@@ -138,8 +133,6 @@ def test_token_auth_anonymous_and_with_credentials(ds, token_registry, token_iss
     res = imp(ds, pushed.reference)
     assert res["status"] == "ok", res
     assert_valid_layout(ds.path, res["path"])
-    scopes = {s for r in token_issuer.requests for s in r.scopes} if hasattr(
-        token_issuer.requests[0], "scopes") else None
     assert token_issuer.requests, "the token issuer was never asked"
     # with credentials, anonymous pulls refused
     token_issuer.anonymous_pull = False

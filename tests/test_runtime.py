@@ -7,7 +7,6 @@ containers-run calls) or the Python API.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
