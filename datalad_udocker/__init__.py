@@ -2,9 +2,11 @@
 DataLad datasets (layers in git-annex with registry URLs) and run with
 udocker without root or a daemon.
 
-Data path: registry -> ``registry/`` (client) -> ``store`` (OCI layout +
-annex keys) -> ``udocker_repo`` / ``runtime`` (udocker) -> process;
-``docker_archive`` / ``export`` for ``docker load``.
+Data path: registry -> ``registry/`` (client) -> ``dataset/`` (OCI layout in
+git, layers as annex keys, special remote) -> ``run/`` (udocker) -> process;
+``archive/`` reads image archives and writes what ``docker load`` reads.
+At the top: the shared vocabulary (``reference``, ``oci``, ``digest``,
+``source``, ``errors``, ``config``) and the DataLad commands (``commands/``).
 """
 
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ SPECIAL_REMOTE_TYPE = "udocker"   # git-annex-remote-udocker
 
 # datalad-container call format: the runtime's entry point.  {img} is the
 # layout directory, {img_dspath} the dataset holding it, {cmd} the command.
-CMDEXEC = "{python} -m datalad_udocker.runtime_cli --dataset {img_dspath} {img} {cmd}"
+CMDEXEC = "{python} -m datalad_udocker.run.cli --dataset {img_dspath} {img} {cmd}"
 
 
 def _cfg():

@@ -1,84 +1,8 @@
-"""Command line entry point that runs an imported image: the containers-run adapter.
-
-``datalad containers-run`` calls it through the call format the import
-command registers (``datalad.containers.<name>.cmdexec``)::
-
-    {python} -m datalad_udocker.runtime_cli --dataset {img_dspath} {img} {cmd}
-
-and users can call it directly (console script ``datalad-udocker-run``)::
-
-    datalad-udocker-run [--dataset DS] [--execmode P1|P2|F1|R1]
-                        [--entrypoint PROG] IMAGE [CMD ...]
-
-IMAGE is the image's layout directory in a dataset.  Missing layers are
-fetched with ``datalad get`` first; an empty CMD runs the image's Entrypoint
-and Cmd.  The command's stdout, stderr and exit status are passed through
-unchanged.  When the command cannot be started a single line
-``datalad-udocker-run: error: ...`` goes to stderr and the exit status
-follows ``docker run``: 127 when the command does not exist in the
-container, 125 for every other failure (missing or corrupt layers, a
-missing execution tool, an unknown execution mode, ...).
-"""
-import argparse
-import logging
+"""Compatibility: datasets made by datalad-udocker 0.1 record the call format
+``{python} -m datalad_udocker.runtime_cli ...``; it now lives in :mod:`.run.cli`."""
 import sys
 
-from .errors import UdockerError
-
-EXIT_NOT_FOUND = 127
-EXIT_FAILED = 125
-PROG = "datalad-udocker-run"
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Run a command in a container image stored "
-        "in a DataLad dataset, with udocker (no root, no daemon).")
-    parser.add_argument("--dataset", "-d", default=None,
-                        help="dataset to bind-mount at its own path (the "
-                        "command runs in the current directory if inside it)")
-    parser.add_argument("--execmode", default=None,
-                        help="udocker execution mode (P1, P2, F1, R1); "
-                        "default: datalad.udocker.execmode or P1")
-    parser.add_argument("--entrypoint", default=None,
-                        help="replace the image's Entrypoint")
-    parser.add_argument("image", help="the image's layout directory")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="command and arguments (default: the image's "
-                        "Entrypoint and Cmd)")
-    args = parser.parse_args(argv)
-    if args.command and args.command[0] == "--":
-        args.command = args.command[1:]
-    return args
-
-
-def main(argv=None):
-    """Run the image; returns (and as a script exits with) the status."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    # datalad's own logging would otherwise mix with the command's stderr
-    logging.getLogger("datalad").setLevel(logging.WARNING)
-    from .runtime import CommandNotFound, run_image
-    try:
-        result = run_image(args.image, args.command, dataset=args.dataset,
-                           execmode=args.execmode, capture=False,
-                           entrypoint=args.entrypoint)
-    except CommandNotFound as exc:
-        _error(exc)
-        return EXIT_NOT_FOUND
-    except UdockerError as exc:
-        _error(exc)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
-    return result.exit_code
-
-
-def _error(exc):
-    sys.stdout.flush()
-    message = " ".join(str(exc).split())
-    sys.stderr.write("%s: error: %s\n" % (PROG, message))
-    sys.stderr.flush()
-
+from .run.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

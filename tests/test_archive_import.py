@@ -20,7 +20,7 @@ from test_docker_archive import _add, classic_archive, make_image
 
 import datalad_udocker.commands.export_image  # noqa: F401  (binds Dataset.udocker_export)
 from datalad_udocker import oci
-from datalad_udocker.archive_source import open_source
+from datalad_udocker.archive.source import open_source
 from datalad_udocker.registry.client import RegistryClient
 
 pytestmark = pytest.mark.timeout(600)

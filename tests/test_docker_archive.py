@@ -20,11 +20,11 @@ import pytest
 from fixtures import images as im
 
 from datalad_udocker import oci
-from datalad_udocker.archive_source import open_source, parse_spec
-from datalad_udocker.docker_archive import (TarReader, read_docker_archive,
+from datalad_udocker.archive.source import open_source, parse_spec
+from datalad_udocker.archive.docker_archive import (TarReader, read_docker_archive,
                                             write_archive)
 from datalad_udocker.errors import ArchiveError, DigestMismatch, UdockerError
-from datalad_udocker.oci_archive import DirReader
+from datalad_udocker.archive.oci_archive import DirReader
 
 
 def _hex(data):

@@ -70,7 +70,7 @@ def run_cli(nonroot, udir, image, *cmd, mode="P1", dataset=None, cwd=None, path=
             entrypoint=None):
     """``datalad-udocker-run`` as the user (with ``path`` as its PATH if given)."""
     argv = ["/usr/bin/env", f"PATH={path}"] if path else []
-    argv += [PY, "-m", "datalad_udocker.runtime_cli", "--execmode", mode]
+    argv += [PY, "-m", "datalad_udocker.run.cli", "--execmode", mode]
     if entrypoint:
         argv += ["--entrypoint", entrypoint]
     if dataset is not None:
@@ -88,7 +88,7 @@ def api(nonroot, udir, code: str):
 
 def cached(nonroot, udir):
     return api(nonroot, udir, (
-        "import json, dataclasses; from datalad_udocker.runtime import Runtime\n"
+        "import json, dataclasses; from datalad_udocker.run.runtime import Runtime\n"
         "print(json.dumps([dataclasses.asdict(c) for c in Runtime().containers()]))"))
 
 
@@ -160,7 +160,7 @@ def test_dataset_bound_cwd_and_ownership(nonroot, udir, images, workdir, mode, i
 
 def test_python_api_captures(nonroot, udir, images, workdir):
     got = api(nonroot, udir, (
-        "import json; from datalad_udocker.runtime import run_image\n"
+        "import json; from datalad_udocker.run.runtime import run_image\n"
         f"code, out, err = run_image({str(images['busybox'])!r}, "
         "'sh -c \"echo $FOO; pwd; echo e >&2; exit 3\"', "
         f"dataset={str(workdir)!r}, cwd={str(workdir)!r}, env={{'FOO': 'bar'}})\n"
@@ -191,7 +191,7 @@ def test_second_run_reuses_container(nonroot, udir, images):
 
 def test_concurrent_first_runs_create_once(nonroot, udir, images):
     env = nonroot.env({"DATALAD_UDOCKER_DIR": str(udir)})
-    argv = nonroot.command([PY, "-m", "datalad_udocker.runtime_cli", str(images["layers1"]),
+    argv = nonroot.command([PY, "-m", "datalad_udocker.run.cli", str(images["layers1"]),
                             "sh", "-c", "echo ok"])
     procs = [subprocess.Popen(argv, env=env, cwd=str(nonroot.home), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
@@ -207,12 +207,12 @@ def test_list_and_prune(nonroot, udir, images):
     assert {e["execmode"] for e in entries} == {"P1"} and len(entries) == 2
     # a container in use survives a prune
     busy = subprocess.Popen(
-        nonroot.command([PY, "-m", "datalad_udocker.runtime_cli", str(images["busybox"]),
+        nonroot.command([PY, "-m", "datalad_udocker.run.cli", str(images["busybox"]),
                          "sh", "-c", "echo started; sleep 4"]),
         env=nonroot.env({"DATALAD_UDOCKER_DIR": str(udir)}), stdout=subprocess.PIPE, text=True)
     assert busy.stdout.readline() == "started\n"
     got = api(nonroot, udir, (
-        "import json; from datalad_udocker.runtime import Runtime\n"
+        "import json; from datalad_udocker.run.runtime import Runtime\n"
         "removed, busy = Runtime().prune()\n"
         "print(json.dumps([[c.image for c in removed], [c.image for c in busy]]))"))
     busy.wait(timeout=60)
@@ -318,7 +318,7 @@ def test_command_not_found(nonroot, udir, images, mode):
 
 @pytest.mark.parametrize("mode", ["P1", "R1"])
 def test_stdin_reaches_the_command(nonroot, udir, images, mode):
-    res = nonroot.run([PY, "-m", "datalad_udocker.runtime_cli", "--execmode", mode,
+    res = nonroot.run([PY, "-m", "datalad_udocker.run.cli", "--execmode", mode,
                        str(images["busybox"]), "cat"],
                       env={"DATALAD_UDOCKER_DIR": str(udir)}, input="piped\n", check=False)
     assert (res.returncode, res.stdout, res.stderr) == (0, "piped\n", "")

@@ -10,7 +10,7 @@ from datalad.support.constraints import EnsureFloat, EnsureNone
 from datalad.support.param import Parameter
 
 from ..errors import UdockerError
-from ..runtime import Runtime
+from ..run.runtime import Runtime
 
 lgr = logging.getLogger("datalad.udocker.containers")
 

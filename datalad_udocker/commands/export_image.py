@@ -12,7 +12,7 @@ from datalad.support.constraints import EnsureChoice, EnsureNone, EnsureStr
 from datalad.support.param import Parameter
 
 from ..errors import UdockerError
-from ..export import FORMATS, export_image, export_to_file, missing_layers
+from ..archive.export import FORMATS, export_image, export_to_file, missing_layers
 
 lgr = logging.getLogger("datalad.udocker.export")
 

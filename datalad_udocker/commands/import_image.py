@@ -12,8 +12,8 @@ from .. import config, oci
 from ..errors import UdockerError
 from ..reference import parse_reference
 from ..registry.client import RegistryClient
-from ..registry_source import registry_image_source
-from ..store import store_image
+from ..registry.source import registry_image_source
+from ..dataset.store import store_image
 
 lgr = logging.getLogger("datalad.udocker.import")
 
@@ -29,7 +29,7 @@ def open_image_source(ds, ref, platform=None, source_ref=None):
 
     wanted = oci.Platform.parse(platform) if platform else None
     if ref.startswith(ARCHIVE_PREFIXES):
-        from ..archive_source import open_source
+        from ..archive.source import open_source
         return open_source(ref, source_ref, client_factory, platform=wanted)
     if ref.startswith("docker://"):
         ref = ref[len("docker://"):]

@@ -18,10 +18,10 @@ import os
 
 from annexremote import Master, RemoteError, SpecialRemote
 
-from . import config
-from .digest import digest_from_key
-from .errors import NotFoundError, UdockerError
-from .registry.client import RegistryClient, parse_blob_url
+from .. import config
+from ..digest import digest_from_key
+from ..errors import NotFoundError, UdockerError
+from ..registry.client import RegistryClient, parse_blob_url
 
 lgr = logging.getLogger("datalad.udocker.special_remote")
 

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from .errors import UdockerError
+from ..errors import UdockerError
 
 lgr = logging.getLogger("datalad.udocker.annex")
 

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from .docker_archive import write_archive
-from .errors import LayoutError, UdockerError
-from .layout import OCILayout
+from ..errors import LayoutError, UdockerError
+from ..dataset.layout import OCILayout
 
 FORMATS = ("docker-archive", "oci-archive")
 

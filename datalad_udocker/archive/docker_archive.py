@@ -23,7 +23,7 @@ Reading never extracts anything: :class:`TarReader` indexes the members,
 refuses absolute paths, ``..`` components, device nodes and FIFOs, links that
 leave the archive, duplicate names, and truncated or corrupt tars, then hands
 out members by name.  Digests and diff_ids are checked by
-:mod:`.archive_source`.
+:mod:`.source`.
 """
 import hashlib
 import io
@@ -32,9 +32,9 @@ import posixpath
 import re
 import tarfile
 
-from . import oci
-from .digest import CHUNK
-from .errors import ArchiveError, DigestMismatch, UdockerError
+from .. import oci
+from ..digest import CHUNK
+from ..errors import ArchiveError, DigestMismatch, UdockerError
 from .oci_archive import (ANNOTATION_CONTAINERD_NAME, MAX_JSON,  # noqa: F401
                           ArchiveImage, ArchiveLayer, _normalize,
                           check_digest, choose, normalize_name,

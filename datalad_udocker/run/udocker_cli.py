@@ -7,7 +7,7 @@ CLI and its on-disk layout are the contract.  Every call here
   when we are root), from ``$UDOCKER_DIR/datalad-udocker`` (udocker reads a
   ``u.conf`` from its working directory: only ours may be there);
 * sets ``UDOCKER_DIR`` and ``UDOCKER_TARBALL=""`` (never download tools) and
-  points udocker at the host tools (:mod:`.udocker_tools`);
+  points udocker at the host tools (:mod:`.tools`);
 * collects udocker's own messages apart, so none reach the user's terminal.
 
 :meth:`UdockerCLI.run` gives the user command the caller's stdio (or
@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import RuntimeError_
-from .udocker_tools import udocker_environment, write_wrappers
+from ..errors import RuntimeError_
+from .tools import udocker_environment, write_wrappers
 
 _UDOCKER_MAIN = ("import sys; from udocker.maincmd import main; "
                  "sys.argv[0] = 'udocker'; sys.exit(main())")

@@ -27,9 +27,10 @@ from typing import List
 
 from datalad.log import log_progress
 
-from . import annex, config
-from .digest import annex_key
-from .errors import UdockerError
+from . import annex
+from .. import config
+from ..digest import annex_key
+from ..errors import UdockerError
 from .layout import OCILayout, write_json_files
 
 lgr = logging.getLogger("datalad.udocker.store")

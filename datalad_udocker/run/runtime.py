@@ -23,7 +23,7 @@ Life of a run (:meth:`Runtime.run`):
    Entrypoint and Cmd (an empty command runs Entrypoint + Cmd), the dataset
    bind-mounted at its own path and the caller's directory inside it as the
    working directory (without a dataset: the image's WorkingDir).  Output
-   and exit code are the command's own (see :mod:`.udocker_tools`).
+   and exit code are the command's own (see :mod:`.tools`).
 
 udocker is always run as a subprocess (its CLI and on-disk layout are the
 contract), from a directory we own since it reads ``u.conf`` from its cwd.
@@ -39,12 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import config
-from .errors import LayoutError, RuntimeError_
-from .layout import OCILayout
+from .. import config
+from ..errors import LayoutError, RuntimeError_
+from ..dataset.layout import OCILayout
 from .udocker_cli import CommandNotFound, UdockerCLI
 from .udocker_repo import STATE_DIR, UdockerRepo, missing_blobs
-from .udocker_tools import check_execmode, find_tools
+from .tools import check_execmode, find_tools
 
 __all__ = ["run_image", "RunResult", "Runtime", "CachedContainer",
            "CommandNotFound", "plan_mounts"]

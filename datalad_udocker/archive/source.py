@@ -23,15 +23,15 @@ import os
 import re
 import zlib
 
-from . import oci
-from .digest import CHUNK, VerifyingWriter
+from .. import oci
+from ..digest import CHUNK, VerifyingWriter
 from .docker_archive import TarReader, read_docker_archive
-from .errors import (ArchiveError, DigestMismatch, InvalidReference,
+from ..errors import (ArchiveError, DigestMismatch, InvalidReference,
                      UdockerError)
 from .oci_archive import DirReader, read_oci_layout
-from .reference import parse_reference
-from .registry_source import source_annotations
-from .source import ImageSource, LayerSource
+from ..reference import parse_reference
+from ..registry.source import source_annotations
+from ..source import ImageSource, LayerSource
 
 TRANSPORTS = ("docker-archive", "oci-archive", "oci")
 _OCI_LAYER = {None: "application/vnd.oci.image.layer.v1.tar",

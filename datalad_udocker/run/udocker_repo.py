@@ -33,8 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .digest import file_digest
-from .errors import DigestMismatch, LayoutError
+from ..digest import file_digest
+from ..errors import DigestMismatch, LayoutError
 
 REPO_PREFIX = "datalad-udocker"
 TAG = "latest"

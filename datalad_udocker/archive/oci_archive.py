@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from . import oci
-from .errors import ArchiveError, InvalidReference, UdockerError
-from .reference import parse_reference
+from .. import oci
+from ..errors import ArchiveError, InvalidReference, UdockerError
+from ..reference import parse_reference
 
 HEX_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 MAX_JSON = 64 << 20          # refuse absurd JSON members (manifest, config)

@@ -10,9 +10,9 @@ import json
 import os
 from pathlib import Path
 
-from . import oci
-from .digest import sha256_digest
-from .errors import LayoutError
+from .. import oci
+from ..digest import sha256_digest
+from ..errors import LayoutError
 
 OCI_LAYOUT_FILE = {"imageLayoutVersion": "1.0.0"}
 

@@ -1,6 +1,6 @@
 """An image in a registry, as an ImageSource the store can take."""
-from . import oci
-from .source import ImageSource, LayerSource
+from .. import oci
+from ..source import ImageSource, LayerSource
 
 
 def source_annotations(ref, resolved):

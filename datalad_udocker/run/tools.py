@@ -35,7 +35,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from .errors import RuntimeError_, ToolMissing
+from ..errors import RuntimeError_, ToolMissing
 
 EXEC_MODES = {
     "P1": "PRoot with seccomp acceleration",
