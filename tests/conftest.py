@@ -53,6 +53,18 @@ def pytest_configure(config):
     config._udocker_test_home = home
 
 
+# Fixtures that start servers, datasets or user processes: a test using any of them is in
+# the slow tier.  ``pytest -m "not slow"`` runs the fast tier (pure parts, no servers).
+SLOW_FIXTURES = {"registry", "basic_registry", "token_registry", "make_registry", "fault_proxy",
+                 "token_issuer", "dockerd", "nonroot", "ds"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_unconfigure(config):
     home = getattr(config, "_udocker_test_home", None)
     for key, value in _saved_env.items():
