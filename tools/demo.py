@@ -49,7 +49,8 @@ def main():
         sh(f"datalad udocker-import {ref}", project)
         sh("git annex whereis .datalad/environments/hello/image/blobs", project)
         sh("datalad containers-list", project)
-        # a clone elsewhere, with git only: the layers must come from the registry
+        print("\n== publishing the dataset as a bare git repository WITHOUT annexed content,"
+              "\n   as on a git hosting site: a clone of it must get the layers from the registry")
         sh("git clone -q --bare project project.git && "
            "git -C project.git fetch -q ../project git-annex:git-annex && "
            "git -C project.git remote remove origin", out)
@@ -60,6 +61,9 @@ def main():
         sh(f"datalad containers-run -n hello -o out.txt {shlex.quote(cmd)}", clone)
         sh("cat out.txt && git log --oneline -3", clone)
         print(f"\n== done: dataset {project}, clone {clone}")
+        print("   The demo registry stops now: in these datasets the layers that are already"
+              "\n   present stay usable, but `datalad get` of dropped layers needs the registry again"
+              f"\n   (restart it on {reg.host} or import from a registry of your own).")
     finally:
         reg.stop()
 
