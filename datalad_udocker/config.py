@@ -65,7 +65,8 @@ def download_jobs(dataset=None):
 def udocker_dir(dataset=None):
     """udocker's directory, absolute (a relative setting is taken relative
     to the current directory, ``~`` is expanded)."""
-    value = get("dir", None, dataset)      # env: DATALAD_UDOCKER_DIR
+    # the environment first: no git call when it is set
+    value = os.environ.get("DATALAD_UDOCKER_DIR") or get("dir", None, dataset)
     if not value:
         cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
         value = os.path.join(cache, "datalad-udocker", "udocker")
