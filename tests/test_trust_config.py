@@ -65,6 +65,28 @@ def test_remove_tree_follows_no_symlink(tmp_path):
     assert (victim / "file").exists()
 
 
+def test_settings_come_from_user_config_only(ds, monkeypatch):
+    """Every datalad.udocker.* reader ignores .datalad/config, honours .git/config and env."""
+    from datalad_udocker import config
+    committed = {"insecure-registries": "evil.example:5000", "dir": "evil", "execmode": "R1",
+                 "jobs": "64"}
+    for name, value in committed.items():
+        ds.config.set("datalad.udocker." + name, value, scope="branch")
+    assert "evil.example:5000" in ds.config.get("datalad.udocker.insecure-registries")
+    readers = lambda: (config.insecure_registries(ds), config.udocker_dir(ds),  # noqa: E731
+                       config.execmode(ds), config.download_jobs(ds))
+    monkeypatch.delenv("DATALAD_UDOCKER_DIR", raising=False)
+    default_dir = os.path.join(os.environ["HOME"], ".cache", "datalad-udocker", "udocker")
+    assert readers() == (set(), default_dir, "P1", 4)
+    for name, value in (("insecure-registries", "mine:1, other"), ("dir", "~/ud"),
+                        ("execmode", "f1"), ("jobs", "2")):
+        ds.config.set("datalad.udocker." + name, value, scope="local")
+    assert readers() == ({"mine:1", "other"}, os.path.expanduser("~/ud"), "F1", 2)
+    monkeypatch.setenv("DATALAD_UDOCKER_EXECMODE", "P2")
+    monkeypatch.setenv("DATALAD_UDOCKER_DIR", "rel")
+    assert readers()[1:3] == (os.path.abspath("rel"), "P2")
+
+
 # --- a hostile dataset's committed config (clone by a second user) --------------------------
 def non_loopback_ip() -> str:
     out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout
