@@ -1,6 +1,13 @@
 """Names of every setting this package reads, in one place.
 
-DataLad config (``git config`` / ``.datalad/config`` / ``DATALAD_*`` env):
+Every ``datalad.udocker.*`` setting comes only from the user's own
+configuration: ``git config`` (the repository's ``.git/config``, global,
+system), DataLad's overrides and the environment (``DATALAD_UDOCKER_DIR``,
+``DATALAD_UDOCKER_INSECURE__REGISTRIES``, ...), never from a dataset's
+committed ``.datalad/config``: a dataset cloned from a stranger cannot choose
+which registries are spoken to over plain http, where udocker's directory is
+(what prune deletes in), or how containers run.  :func:`get` is the one
+reader.
 
 ``datalad.udocker.insecure-registries``
     Space- or comma-separated ``host[:port]`` list spoken to over plain http.
@@ -29,11 +36,17 @@ def _cfg():
 
 
 def get(name, default=None, dataset=None):
-    """A ``datalad.udocker.<name>`` setting from the dataset's or global config."""
+    """The ``datalad.udocker.<name>`` setting from the user's own config.
+
+    With a ``dataset`` its ``.git/config`` counts too, but never its
+    committed ``.datalad/config`` (DataLad's "branch" scope).
+    """
     key = "datalad.udocker." + name
     cfg = dataset.config if dataset is not None else _cfg()
     cfg.reload()
-    value = cfg.get(key, default=None)
+    value = cfg.get_from_source("local", key, default=None)
+    if isinstance(value, tuple):        # set more than once: the last wins
+        value = value[-1]
     return default if value in (None, "") else value
 
 
@@ -50,14 +63,14 @@ def download_jobs(dataset=None):
 
 
 def udocker_dir(dataset=None):
-    env = os.environ.get("DATALAD_UDOCKER_DIR")
-    if env:
-        return env
-    value = get("dir", None, dataset)
-    if value:
-        return os.path.expanduser(value)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(cache, "datalad-udocker", "udocker")
+    """udocker's directory, absolute (a relative setting is taken relative
+    to the current directory, ``~`` is expanded)."""
+    # the environment first: no git call when it is set
+    value = os.environ.get("DATALAD_UDOCKER_DIR") or get("dir", None, dataset)
+    if not value:
+        cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+        value = os.path.join(cache, "datalad-udocker", "udocker")
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def execmode(dataset=None):

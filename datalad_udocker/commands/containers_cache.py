@@ -24,7 +24,8 @@ class UdockerContainers(Interface):
     ``~/.cache/datalad-udocker/udocker``); later runs reuse it.  This command
     lists those containers, or with ``--prune`` deletes them (all, or those
     not used for ``--older-than`` days) to free space; a container a running
-    command is using is kept.  A pruned container is re-created from the
+    command is using is kept.  Leftovers of interrupted first runs are
+    listed as incomplete and always pruned.  A pruned container is re-created from the
     dataset on its next run.  The images in datasets are never touched.
     """
 
@@ -38,7 +39,8 @@ class UdockerContainers(Interface):
             doc="""with --prune: only containers not used for DAYS days"""),
         dataset=Parameter(
             args=("-d", "--dataset"), constraints=EnsureDataset() | EnsureNone(),
-            doc="""dataset whose configuration names the udocker directory
+            doc="""dataset whose own .git/config may name the udocker
+            directory (its committed .datalad/config never does)
             [Default: the user's configuration]"""),
     )
 

@@ -33,7 +33,6 @@ import fcntl
 import json
 import os
 import shlex
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,8 +42,9 @@ from .. import config
 from ..errors import LayoutError, RuntimeError_
 from ..dataset.layout import OCILayout
 from .udocker_cli import CommandNotFound, UdockerCLI
-from .udocker_repo import STATE_DIR, UdockerRepo, missing_blobs
-from .tools import check_execmode, find_tools
+from .safe_delete import remove_tree
+from .udocker_repo import REPO_PREFIX, STATE_DIR, UdockerRepo, missing_blobs
+from .tools import EXEC_MODES, check_execmode, find_tools
 
 __all__ = ["run_image", "RunResult", "Runtime", "CachedContainer",
            "CommandNotFound", "plan_mounts"]
@@ -85,7 +85,8 @@ class Runtime:
     """Containers of imported images in one udocker directory, for one mode."""
 
     def __init__(self, udocker_dir=None, execmode=None, dataset=None):
-        self.udocker_dir = Path(udocker_dir or config.udocker_dir(dataset))
+        self.udocker_dir = Path(os.path.abspath(os.path.expanduser(
+            udocker_dir or config.udocker_dir(dataset))))
         self.execmode = check_execmode(execmode or config.execmode(dataset))
         self.state_dir = self.udocker_dir / STATE_DIR
         self.repo = UdockerRepo(self.udocker_dir)
@@ -119,7 +120,10 @@ class Runtime:
 
     def containers(self):
         """Every cached container, plus leftovers of interrupted creations
-        (returned as entries with an empty ``container_id``)."""
+        (returned as entries with an empty ``container_id``): a ``dlu-*``
+        name without a cache entry, or an unnamed container made from one of
+        our images (a first run killed while udocker extracted it; its entry
+        is named by the container directory)."""
         found = {}
         for state in sorted((self.state_dir / "containers").glob("*.json")):
             entry = self._load(state.stem)
@@ -133,7 +137,42 @@ class Runtime:
                         link.name not in found:
                     found[link.name] = CachedContainer(
                         link.name, "", "", "", "", 0.0, 0.0, str(link))
+        for entry in self._unnamed():
+            found.setdefault(entry.name, entry)
         return sorted(found.values(), key=lambda c: c.name)
+
+    def _unnamed(self):
+        """Entries for container directories made from an image we fed
+        (udocker's ``imagerepo.name`` is ``datalad-udocker/<hex>:...``) that
+        no name link and no cache entry refers to."""
+        cdir = self.udocker_dir / "containers"
+        if not cdir.is_dir():
+            return []
+        named, dirs = set(), []
+        for item in os.scandir(cdir):
+            if item.is_symlink():
+                named.add(os.path.basename(os.readlink(item.path)))
+            elif item.is_dir(follow_symlinks=False):
+                dirs.append(item)
+        for state in (self.state_dir / "containers").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                named.add(json.loads(state.read_text())["container_id"])
+        found = []
+        for item in dirs:
+            if item.name in named:
+                continue
+            try:
+                with open(os.path.join(item.path, "imagerepo.name")) as f:
+                    repo = f.read(200)
+            except OSError:
+                continue
+            hexpart = repo.partition(":")[0].partition(REPO_PREFIX + "/")[2]
+            if not repo.startswith(REPO_PREFIX + "/") or len(hexpart) != 64:
+                continue
+            created = item.stat(follow_symlinks=False).st_mtime
+            found.append(CachedContainer(item.name, "", "sha256:" + hexpart,
+                                         "", "", created, 0.0, item.path))
+        return found
 
     def remove(self, name, wait=False):
         """Remove a cached container unless a command is using it.
@@ -148,19 +187,59 @@ class Runtime:
             self._discard(name)
         return True
 
+    @contextlib.contextmanager
+    def _image_idle(self, manifest_digest):
+        """Hold the locks of the image's containers in every mode; yields
+        False (holding none) if one is busy: the image is being created or
+        run right now."""
+        with contextlib.ExitStack() as stack:
+            for mode in EXEC_MODES:
+                fd = stack.enter_context(
+                    self._lock(container_name(manifest_digest, mode)))
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    stack.close()
+                    yield False
+                    return
+            yield True
+
+    def _remove_unnamed(self, entry):
+        """Remove an unnamed container (see :meth:`_unnamed`) unless its
+        image is in use; returns False (and keeps it) then."""
+        with self._image_idle(entry.manifest_digest) as idle:
+            if idle and entry.name in {e.name for e in self._unnamed()}:
+                self._remove_container_dir(entry.name)
+        return idle
+
     def _discard(self, name):
-        """Delete container ``name`` and its cache entry (lock held)."""
-        state = self._state_path(name)
+        """Delete container ``name`` and its cache entry (lock held).
+
+        Only what is in udocker's ``containers/`` directory is deleted: a
+        name link pointing anywhere else is unlinked, never followed.
+        """
         with contextlib.suppress(FileNotFoundError):
-            state.unlink()
+            self._state_path(name).unlink()
         link = self.udocker_dir / "containers" / name
-        if os.path.lexists(link):
-            self.udocker.remove(name)
-            if os.path.lexists(link):      # udocker could not: do it by hand
-                target = os.path.realpath(link)
-                os.unlink(link)
-                if os.path.isdir(target):
-                    _force_rmtree(target)
+        cid = self._named_container(link)
+        self._remove_container_dir(name)      # the name link (or a stray dir)
+        if cid:
+            self._remove_container_dir(cid)
+
+    def _named_container(self, link):
+        """The id of the container directory in ``containers/`` that name
+        link ``link`` points to, or None."""
+        if not os.path.islink(link):
+            return None
+        target = os.path.realpath(link)
+        cdir = os.path.realpath(self.udocker_dir / "containers")
+        if os.path.dirname(target) != cdir or not os.path.isdir(target):
+            return None
+        return os.path.basename(target)
+
+    def _remove_container_dir(self, cid):
+        remove_tree(self.udocker_dir / "containers" / cid,
+                    self.udocker_dir / "containers")
 
     def prune(self, older_than=None):
         """Remove cached containers (those unused for ``older_than`` seconds,
@@ -168,19 +247,24 @@ class Runtime:
         Returns ``(removed, kept_in_use)`` lists of CachedContainer."""
         removed, busy = [], []
         now = time.time()
+        unnamed = {e.name for e in self._unnamed()}
         for entry in self.containers():
             if older_than is not None and entry.container_id and \
                     now - entry.last_used < older_than:
                 continue
-            (removed if self.remove(entry.name) else busy).append(entry)
+            done = self._remove_unnamed(entry) if entry.name in unnamed \
+                else self.remove(entry.name)
+            (removed if done else busy).append(entry)
         for stale in (self.state_dir / "run").glob("tmp*"):
             # leftovers of killed runs (a live run's directory is recent)
-            if now - stale.stat().st_mtime > 86400:
-                shutil.rmtree(stale, ignore_errors=True)
+            if now - stale.lstat().st_mtime > 86400:
+                remove_tree(stale, self.state_dir / "run")
         needed = {c.manifest_digest for c in self.containers()}
         for digest in self.repo.fed_digests():
             if digest not in needed:
-                self.repo.remove(digest)
+                with self._image_idle(digest) as idle:
+                    if idle:        # not being fed or created right now
+                        self.repo.remove(digest)
         return removed, busy
 
     # --- creation ---------------------------------------------------------
@@ -237,8 +321,8 @@ class Runtime:
             return entry
         except BaseException:
             self._discard(name)
-            if cid and (self.udocker_dir / "containers" / cid).exists():
-                self.udocker.remove(cid)
+            if cid:
+                self._remove_container_dir(cid)
             raise
 
     # --- running ----------------------------------------------------------
@@ -300,15 +384,6 @@ def plan_mounts(dataset, cwd=None):
         if cwd == root or cwd.startswith(root.rstrip("/") + "/"):
             return binds, cwd
     return binds, ds
-
-
-def _force_rmtree(path):
-    def onerror(func, p, _exc):
-        os.chmod(os.path.dirname(p), 0o700)
-        with contextlib.suppress(OSError):
-            os.chmod(p, 0o700)
-        func(p)
-    shutil.rmtree(path, onerror=onerror)
 
 
 def fetch_with_datalad(dataset=None):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..digest import file_digest
 from ..errors import DigestMismatch, LayoutError
+from .safe_delete import remove_tree
 
 REPO_PREFIX = "datalad-udocker"
 TAG = "latest"
@@ -127,9 +128,8 @@ class UdockerRepo:
 
     def remove(self, manifest_digest):
         """Forget a fed image (its symlinks; the blobs are not touched)."""
-        repo_dir = self.tag_dir(manifest_digest).parent
-        if repo_dir.exists():
-            shutil.rmtree(repo_dir)
+        remove_tree(self.tag_dir(manifest_digest).parent,
+                    self.repos_dir / REPO_PREFIX)
 
     def fed_digests(self):
         """Manifest digests of every image fed by this package."""
