@@ -58,12 +58,13 @@ def test_file_metadata_is_the_containers(nonroot, udir, image, host_file, mode):
              "touch /opt/new/prog && chmod +x /opt/new/prog\n"
              "[ -x /opt/new/prog ] && echo shell-test-x\n"
              "/bin/test -x /opt/new/prog && echo coreutils-test-x\n"
+             "mv /opt/new/prog /opt/new/moved && ls /opt/new\n"
              f"stat -c %s {home_file} /etc/debian_version; echo host-only=$?\n")
     res = run_cli(nonroot, udir, image, "sh", "-c", probe, mode=mode)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [
         f"{len(MARKER.data)} 640", "/opt/new", "shell-test-x", "coreutils-test-x",
-        "host-only=1"]
+        "moved", "host-only=1"]
     # the host-only paths are not found, and stat said so with GNU's messages
     assert res.stderr.count("No such file or directory") == 2, res.stderr
     assert "proot" not in res.stderr

@@ -45,15 +45,22 @@ BPF_RET_K = 0x06             # BPF_RET | BPF_K
 X32_SYSCALL_BIT = 0x40000000
 
 # System calls PRoot 5.1 does not know, so does not translate the paths of
-# (or, for clone3, the flags of): each has an older equivalent that glibc,
-# musl, Go and Rust fall back to on ENOSYS, as they do under Docker's default
-# seccomp profile.  Numbers per audit architecture of the processes a machine
-# may run.  statx, faccessat2, renameat2, execveat, openat2, fchmodat2, clone3:
-UNTRANSLATED = {
-    "x86_64": {0xC000003E: (332, 439, 316, 322, 437, 452, 435),   # x86_64
-               0x40000003: (383, 439, 353, 358, 437, 452, 435)},   # i386
-    "aarch64": {0xC00000B7: (291, 439, 276, 281, 437, 452, 435),   # aarch64
-                0x40000028: (397, 439, 382, 387, 437, 452, 435)},  # arm
+# (or, for clone3, the flags of).  Each is newer than an equivalent that
+# glibc, musl, Go and Rust fall back to on ENOSYS, as they do under Docker's
+# default seccomp profile (or is an unprivileged no-op, like the mount API).
+# Debian's 5.1.0 has a patch for renameat2; other builds may not, and an
+# untranslated rename would move the HOST's files: it stays in the list.
+# Per architecture: statx, renameat2, execveat; numbers from 403 on are
+# the same on every architecture: open_tree, move_mount, fspick, clone3,
+# openat2, faccessat2, mount_setattr, fchmodat2, {set,get,list,remove}xattrat,
+# open_tree_attr, file_getattr, file_setattr.
+_COMMON = (428, 429, 433, 435, 437, 439, 442, 452, 463, 464, 465, 466, 467,
+           468, 469)
+UNTRANSLATED = {    # machine -> {audit architecture: numbers}
+    "x86_64": {0xC000003E: (332, 316, 322) + _COMMON,      # x86_64
+               0x40000003: (383, 353, 358) + _COMMON},     # i386
+    "aarch64": {0xC00000B7: (291, 276, 281) + _COMMON,     # aarch64
+                0x40000028: (397, 382, 387) + _COMMON},    # arm
 }
 
 _PREFIX = b"proot info: "
@@ -71,7 +78,7 @@ def filter_program():
         if arch == 0xC000003E:       # x32 processes share x86_64's audit arch
             numbers = numbers + tuple(X32_SYSCALL_BIT | n
                                       for n in numbers + (545,))  # execveat
-        # if arch != A: skip this block (2 + len(numbers) + 1 instructions)
+        # another architecture jumps over the block
         block = [(BPF_LD_W_ABS, 0, 0, 0)]                   # A = syscall nr
         for i, nr in enumerate(numbers):
             block.append((BPF_JEQ_K, len(numbers) - i, 0, nr))
