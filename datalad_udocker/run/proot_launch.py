@@ -129,7 +129,8 @@ class StderrFilter:
     def __init__(self, out_fd):
         self.out_fd = out_fd
         self.pending = b""
-        self.ends = []            # (b"pid"|b"vpid", id, status as Docker reports it)
+        self.last = None          # status of the last process to end (Docker's way)
+        self.vpid1 = None         # status of PRoot >= 5.2's vpid 1, the command
         self.broken = False
 
     def feed(self, data):
@@ -174,24 +175,24 @@ class StderrFilter:
                 words[5].isdigit() and words[2:5] in (
                     [b"exited", b"with", b"status"],
                     [b"terminated", b"with", b"signal"]):
-            value = int(words[5]) + (128 if words[2] == b"terminated" else 0)
-            self.ends.append((words[0], int(words[1][:-1]), value))
+            self.last = int(words[5]) + (128 if words[2] == b"terminated" else 0)
+            if words[:2] == [b"vpid", b"1:"]:
+                self.vpid1 = self.last
 
     def _write(self, data):
         while data and not self.broken:
             try:
                 data = data[os.write(self.out_fd, data):]
-            except BrokenPipeError:
+            except BlockingIOError:        # someone made our stderr non-blocking
+                select.select([], [self.out_fd], [])
+            except OSError:                # EPIPE and the like: stderr is gone
                 self.broken = True
 
     def status(self, proot_status):
         """The main command's status (PRoot's own when it reported no process end)."""
-        first = [v for kind, ident, v in self.ends if kind == b"vpid" and ident == 1]
-        if first:
-            return first[-1]
-        if self.ends:
-            return self.ends[-1][2]
-        return proot_status
+        for status in (self.vpid1, self.last, proot_status):
+            if status is not None:
+                return status
 
 
 def main(argv):
@@ -223,15 +224,17 @@ def main(argv):
     os.close(write_end)
     filt = StderrFilter(2)
     while True:
-        # a held partial line goes out if nothing follows it soon
-        if filt.pending and not select.select([read_end], [], [], HOLD)[0]:
+        # a held partial line goes out if nothing follows it soon (a note of
+        # PRoot's, written at once up to its message, waits for its newline)
+        if filt.pending and not filt.pending.startswith(_PREFIX) and \
+                not select.select([read_end], [], [], HOLD)[0]:
             filt.flush()
             continue
         data = os.read(read_end, 65536)
         if not data:
             break
         filt.feed(data)
-        if filt.broken:       # our stderr is gone: the command's is too
+        if filt.broken:       # our stderr is gone: the command's goes too
             break
     os.close(read_end)
     filt.close()
