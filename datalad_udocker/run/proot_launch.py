@@ -1,4 +1,4 @@
-"""Start PRoot so that the command sees the container's files and Docker's exit status.
+"""Start PRoot: the container's files, the command's stderr, Docker's status.
 
 Run as a script (``python -I -S proot_launch.py PROOT ARGS...``) by the proot
 wrapper of :mod:`.tools`; it imports only the standard library, so it starts
@@ -64,7 +64,7 @@ UNTRANSLATED = {    # machine -> {audit architecture: numbers}
 }
 
 _PREFIX = b"proot info: "
-HOLD = 0.2       # seconds a partial line that may be PRoot's waits for the rest
+HOLD = 0.2    # seconds a partial line that may be PRoot's waits for the rest
 
 
 def filter_program():
@@ -124,13 +124,14 @@ def proot_argv(argv):
 
 
 class StderrFilter:
-    """Copies PRoot's stderr to ours without its info lines; records process ends."""
+    """Copies PRoot's stderr to ours without its info lines, noting how
+    processes ended."""
 
     def __init__(self, out_fd):
         self.out_fd = out_fd
         self.pending = b""
-        self.last = None          # status of the last process to end (Docker's way)
-        self.vpid1 = None         # status of PRoot >= 5.2's vpid 1, the command
+        self.last = None      # status of the last process to end (as Docker)
+        self.vpid1 = None     # status of PRoot >= 5.2's vpid 1, the command
         self.broken = False
 
     def feed(self, data):
@@ -169,13 +170,15 @@ class StderrFilter:
         return b"".join(kept)
 
     def _record(self, words):
-        """Note ``pid N: exited with status S`` / ``... terminated with signal S``."""
+        """Note ``[v]pid N: exited with status S`` (or ``terminated with
+        signal S``)."""
         if len(words) == 6 and words[0] in (b"pid", b"vpid") and \
                 words[1].endswith(b":") and words[1][:-1].isdigit() and \
                 words[5].isdigit() and words[2:5] in (
                     [b"exited", b"with", b"status"],
                     [b"terminated", b"with", b"signal"]):
-            self.last = int(words[5]) + (128 if words[2] == b"terminated" else 0)
+            killed = words[2] == b"terminated"
+            self.last = int(words[5]) + (128 if killed else 0)
             if words[:2] == [b"vpid", b"1:"]:
                 self.vpid1 = self.last
 
@@ -183,13 +186,13 @@ class StderrFilter:
         while data and not self.broken:
             try:
                 data = data[os.write(self.out_fd, data):]
-            except BlockingIOError:        # someone made our stderr non-blocking
+            except BlockingIOError:    # someone made stderr non-blocking
                 select.select([], [self.out_fd], [])
             except OSError:                # EPIPE and the like: stderr is gone
                 self.broken = True
 
     def status(self, proot_status):
-        """The main command's status (PRoot's own when it reported no process end)."""
+        """The command's status (PRoot's own if it reported no process end)."""
         for status in (self.vpid1, self.last, proot_status):
             if status is not None:
                 return status
@@ -212,7 +215,7 @@ def main(argv):
     pid = os.fork()
     if pid == 0:                                      # child: PRoot
         try:
-            for signum in (signal.SIGPIPE, signal.SIGXFSZ):   # Python ignores them
+            for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python's SIG_IGN
                 signal.signal(signum, signal.SIG_DFL)
             os.dup2(write_end, 2)
             os.close(read_end)
