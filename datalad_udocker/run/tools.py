@@ -19,6 +19,12 @@ wrappers (:func:`write_wrappers`) that
 * drop the ``-k KERNEL`` udocker always passes to PRoot: Debian's PRoot 5.1.0
   breaks on recent kernels with any ``-k`` (``stat`` fails with "Invalid
   argument"), and no udocker setting stops it from passing one;
+* start PRoot through :mod:`.proot_launch`, which makes the system calls
+  PRoot 5.1 does not translate (``statx``, ``faccessat2``...) fail with
+  ENOSYS so programs fall back to ones it does (the command then sees the
+  container's files, never the host's), drops PRoot's ``proot info:`` lines
+  from stderr and exits with the command's status as Docker reports it
+  (128+N after signal N, where PRoot says 255);
 * send the user command's stdout and stderr to the caller's file
   descriptors and report its exit status on a third one.  This keeps
   udocker's own messages (banners, warnings, R1's ``<Popen: returncode: N>``)
@@ -33,6 +39,7 @@ import glob
 import os
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from ..errors import RuntimeError_, ToolMissing
@@ -43,6 +50,11 @@ EXEC_MODES = {
     "F1": "Fakechroot (dynamically linked glibc images)",
     "R1": "rootless runc/crun (needs unprivileged user namespaces)",
 }
+
+# the stdlib-only script between the proot wrapper and PRoot (isolated, no
+# site: it starts in milliseconds)
+PROOT_LAUNCHER = (sys.executable, "-I", "-S",
+                  str(Path(__file__).with_name("proot_launch.py")))
 
 _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _FAKECHROOT_GLOBS = ("/usr/lib/*/fakechroot/libfakechroot.so",
@@ -139,12 +151,12 @@ while [ $# -gt 0 ]; do
   args+=("$1"); shift
 done
 if {{ true >&{status}; }} 2>/dev/null; then
-  {real_q} "${{args[@]}}" 1>&{out} 2>&{err} {out}>&- {err}>&- {status}>&-
+  {command} "${{args[@]}}" 1>&{out} 2>&{err} {out}>&- {err}>&- {status}>&-
   rc=$?
   echo "$rc" >&{status}
   exit "$rc"
 fi
-exec {real_q} "${{args[@]}}"
+exec {real_q} "${{args[@]}}"     # udocker's own probes, e.g. 'proot --help'
 """
 
 
@@ -160,8 +172,9 @@ def write_wrappers(bin_dir, tools, fds):
     bin_dir.mkdir(parents=True, exist_ok=True)
     env = {}
 
-    def wrap(name, real, purpose, dropk=False):
+    def wrap(name, real, purpose, dropk=False, launcher=()):
         text = _WRAPPER.format(real=real, real_q=shlex.quote(real),
+                               command=shlex.join(list(launcher) + [real]),
                                purpose=purpose, dropk=int(dropk), out=out,
                                err=err, status=status)
         path = bin_dir / name
@@ -172,8 +185,9 @@ def write_wrappers(bin_dir, tools, fds):
     if "proot" in tools:
         env["UDOCKER_USE_PROOT_EXECUTABLE"] = wrap(
             "proot", tools["proot"],
-            "Drops udocker's '-k KERNEL' (PRoot 5.1 breaks with it).",
-            dropk=True)
+            "Drops udocker's '-k KERNEL' (PRoot 5.1 breaks with it); "
+            "proot_launch.py\n# hides the host's file metadata and gives "
+            "Docker's exit status.", dropk=True, launcher=PROOT_LAUNCHER)
     if "runc" in tools:
         name = "crun" if "crun" in os.path.basename(tools["runc"]) else "runc"
         env["UDOCKER_USE_RUNC_EXECUTABLE"] = wrap(
