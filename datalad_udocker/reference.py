@@ -19,10 +19,10 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY_RE = re.compile(r"^%s(?:/%s)*$" % (_COMPONENT, _COMPONENT))
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}\Z")
-# what may follow the "@" of a digest: a known algorithm and a value (a
-# "host:port" after an "@" is userinfo, not a digest)
+# what may follow the "@" of a digest: an algorithm and an encoded value (a
+# "host:port" after an "@", digits too few for any hash, is userinfo)
 _DIGEST_LIKE_RE = re.compile(
-    r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:(?![0-9]*\Z)[a-zA-Z0-9=_-]*\Z")
+    r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:(?![0-9]{0,15}\Z)[a-zA-Z0-9=_-]*\Z")
 _HINT = ("expected [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST], "
          "e.g. docker.io/library/busybox:1.36")
 _HOST_RE = re.compile(
