@@ -288,3 +288,20 @@ def test_import_survives_500s_and_drops_of_manifest_and_config(ds, registry, fau
     assert_valid_layout(ds.path, res["path"])
     assert all(f.fired == f.times for f in fault_proxy.faults)
 
+
+
+@pytest.mark.parametrize("status, body, words", [
+    (200, json.dumps({"token": "abc\r\nX-Injected: 1"}).encode(), "returned no token"),
+    (200, json.dumps({"token": 12345}).encode(), "returned no token"),
+    (200, b"[" * 200_000, "returned no token"),
+    (400, json.dumps({"errors": [{"code": "X\nY", "message": "line1\nline2"}]}).encode(),
+     "HTTP 400"),
+    (400, b"{\"errors\": " + b"[" * 200_000, "HTTP 400"),
+])
+def test_hostile_token_service_answers_are_clean_errors(status, body, words):
+    """Whatever a token service answers ends in one clean line, never another exception."""
+    with LoggingServer(status=status, body=body) as realm:
+        t = Transport("http://127.0.0.1:1", None, **FAST)
+        with pytest.raises(RegistryError, match=words) as exc:
+            t._fetch_token(realm.url + "/token", "svc", "repository:x:pull")
+        assert "\n" not in str(exc.value) and "\r" not in str(exc.value)

@@ -19,7 +19,8 @@ import requests
 import urllib3
 
 from .. import oci
-from ..digest import CHUNK, VerifyingWriter, check_digest, sha256_digest
+from ..digest import (CHUNK, DIGEST_RE, VerifyingWriter, check_digest,
+                      sha256_digest)
 from ..errors import (DigestMismatch, NotFoundError, PlatformNotFound,
                       UdockerError, UnsupportedMediaType)
 from ..reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback_host
@@ -179,7 +180,7 @@ class RegistryClient:
         actual = sha256_digest(raw)
         for expected in (expected_digest,
                          reference if reference.startswith("sha256:") else None,
-                         served if served.startswith("sha256:") else None):
+                         served if DIGEST_RE.match(served) else None):
             if expected and expected != actual:
                 raise DigestMismatch(
                     "manifest %s has digest %s, expected %s; the registry or "

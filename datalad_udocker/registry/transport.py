@@ -33,6 +33,7 @@ is guarded by a lock.
 """
 import base64
 import email.utils
+import json
 import logging
 import re
 import threading
@@ -42,6 +43,7 @@ from typing import Dict, Optional, Tuple
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
+import urllib3
 
 from ..errors import AuthenticationError, NotFoundError, RegistryError
 
@@ -59,6 +61,7 @@ USER_AGENT = "datalad-udocker"
 CLIENT_ID = "datalad-udocker"
 _SENSITIVE_PARAM = re.compile(
     r"token|sig|credential|key|auth|password|secret|policy", re.I)
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,16384}\Z")    # printable, no space/CR/LF
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
@@ -121,13 +124,38 @@ def retry_after_seconds(value, now=None) -> Optional[float]:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+MAX_JSON_BODY = 1 << 20    # an error or token answer is a few hundred bytes
+
+
+def _one_line(value, limit):
+    """``value`` as text fit for a one-line message (whitespace folded)."""
+    return " ".join(str(value).split())[:limit]
+
+
+def json_body(response, limit=MAX_JSON_BODY):
+    """The JSON object in ``response``'s body (at most ``limit`` bytes read),
+    or None for anything else: too long, cut short, not JSON, too deep."""
+    try:
+        raw = b""
+        for chunk in response.iter_content(65536):
+            raw += chunk
+            if len(raw) > limit:
+                return None
+        body = json.loads(raw)
+    except (ValueError, RecursionError, requests.RequestException,
+            urllib3.exceptions.HTTPError, OSError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def error_codes(response):
     """(codes, first message) from a registry's JSON error body."""
     try:
-        body = response.json()
+        body = json_body(response)
         errors = body.get("errors") or []
-        codes = tuple(str(e.get("code")) for e in errors if e.get("code"))
-        message = next((str(e["message"]) for e in errors
+        codes = tuple(_one_line(e.get("code"), 40) for e in errors
+                      if e.get("code"))
+        message = next((_one_line(e["message"], 200) for e in errors
                         if e.get("message")), "")
         return codes, message
     except (ValueError, AttributeError, TypeError):
@@ -387,13 +415,15 @@ class Transport:
                 raise self._auth_error(resp.status_code, realm)
             if resp.status_code != 200:
                 raise self.error(resp, realm)
+            body = json_body(resp) or {}
+            value = body.get("token") or body.get("access_token")
             try:
-                body = resp.json()
-                value = body.get("token") or body.get("access_token")
                 expires_in = float(body.get("expires_in") or 60)
-            except (ValueError, AttributeError, TypeError):
-                value, expires_in = None, 0
-        if not value:
+            except (ValueError, TypeError, OverflowError):
+                expires_in = 60.0
+            if not 0 < expires_in < 86400:     # nan, negative, absurd
+                expires_in = 60.0 if not expires_in > 0 else 86400.0
+        if not isinstance(value, str) or not _TOKEN_RE.match(value):
             raise RegistryError("token service %s returned no token"
                                 % redact_url(realm), url=redact_url(realm))
         margin = min(10.0, expires_in / 4)
