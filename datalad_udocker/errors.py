@@ -65,3 +65,16 @@ class RuntimeError_(UdockerError):
 
 class ToolMissing(RuntimeError_):
     """An execution tool (proot, runc, ...) is not installed."""
+
+
+class MalformedImage(UnsupportedMediaType):
+    """A manifest, index, config or descriptor that is not well formed.
+
+    A subclass of UnsupportedMediaType, which such input used to raise, so
+    that callers catching that keep working.
+    """
+
+
+class InvalidDigest(MalformedImage):
+    """A digest that is not ``sha256:`` and 64 lowercase hex digits, or a
+    size that is not a sane non-negative integer."""

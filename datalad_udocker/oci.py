@@ -8,8 +8,9 @@ import platform as _platform
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-from .digest import sha256_digest
-from .errors import DigestMismatch, PlatformNotFound, UnsupportedMediaType
+from .digest import check_digest, check_size, sha256_digest
+from .errors import (DigestMismatch, MalformedImage, PlatformNotFound,
+                     UnsupportedMediaType)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -64,9 +65,10 @@ class Platform:
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
     @classmethod
-    def from_dict(cls, d):
-        return cls(d.get("os", ""), d.get("architecture", ""),
-                   d.get("variant") or None)
+    def from_dict(cls, d, what="platform"):
+        d = _object(d, what)
+        return cls(_string(d, "os", what), _string(d, "architecture", what),
+                   _string(d, "variant", what) or None)
 
     def matches(self, other):
         """Does ``other`` (an index entry's platform) satisfy this request?"""
@@ -101,11 +103,23 @@ class Descriptor:
     urls: Tuple[str, ...] = ()
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, what="descriptor"):
+        """A descriptor from JSON, every field checked (MalformedImage).
+
+        The digest must be ``sha256:<64 hex>`` and the size a non-negative
+        int below MAX_BLOB_SIZE: nothing downstream ever sees other values.
+        """
+        d = _object(d, what)
         plat = d.get("platform")
-        return cls(d.get("mediaType", ""), d["digest"], int(d["size"]),
-                   Platform.from_dict(plat) if plat else None,
-                   dict(d.get("annotations") or {}), tuple(d.get("urls") or ()))
+        annotations = _object(d.get("annotations") or {}, what + " annotations")
+        if not all(isinstance(v, str) for v in annotations.values()):
+            raise MalformedImage("malformed %s: an annotation is not a string" % what)
+        return cls(_string(d, "mediaType", what),
+                   check_digest(d.get("digest"), what + " digest"),
+                   check_size(d.get("size"), what + " size"),
+                   Platform.from_dict(plat, what + " platform") if plat else None,
+                   dict(annotations),
+                   tuple(_strings(d.get("urls") or [], what + " urls")))
 
     def to_dict(self):
         out = {"mediaType": self.media_type, "digest": self.digest,
@@ -159,15 +173,55 @@ class Index:
                 p for p in self.platforms() if "unknown" not in p) or "none"))
 
 
-def media_type_of(raw, declared=None):
-    """The media type of manifest bytes: the declared one, else from content."""
+def _object(value, what):
+    if not isinstance(value, dict):
+        raise MalformedImage("malformed %s: not a JSON object" % what)
+    return value
+
+
+def _string(d, key, what, default=""):
+    value = d.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise MalformedImage("malformed %s: field %s is not a string" % (what, key))
+    return value
+
+
+def _strings(value, what):
+    if not isinstance(value, list) or not all(isinstance(v, str)
+                                              for v in value):
+        raise MalformedImage("malformed %s: not a list of strings" % what)
+    return value
+
+
+def _list(d, key, what):
+    value = d.get(key)
+    if not isinstance(value, list):
+        raise MalformedImage("malformed %s: %s is %s, not a list" % (
+            what, key, "missing" if value is None else type(value).__name__))
+    return value
+
+
+def load_json_object(raw, what):
+    """``raw`` (bytes or str) parsed as a JSON object, else MalformedImage.
+
+    Deep nesting, invalid UTF-8, numbers Python will not convert and
+    anything that is not an object all end in MalformedImage.
+    """
     try:
         doc = json.loads(raw)
-    except ValueError:
-        raise UnsupportedMediaType("manifest is not valid JSON")
-    if not isinstance(doc, dict):
-        raise UnsupportedMediaType("manifest is not a JSON object")
+    except (ValueError, RecursionError, TypeError):
+        raise MalformedImage("malformed %s: not valid JSON" % what) from None
+    return _object(doc, what)
+
+
+def media_type_of(raw, declared=None):
+    """The media type of manifest bytes: the declared one, else from content."""
+    doc = load_json_object(raw, "manifest")
     mt = doc.get("mediaType") or declared
+    if not isinstance(mt, (str, type(None))):
+        raise MalformedImage("malformed manifest: mediaType is not a string")
     if not mt or mt in ("application/json", "text/plain"):
         mt = OCI_INDEX if "manifests" in doc else OCI_MANIFEST
     if mt not in MANIFEST_TYPES + INDEX_TYPES:
@@ -187,17 +241,60 @@ def parse_manifest(raw, declared_media_type=None, expected_digest=None):
         raise DigestMismatch("manifest digest is %s, expected %s"
                              % (digest, expected_digest))
     mt, doc = media_type_of(raw, declared_media_type)
-    try:
-        if mt in INDEX_TYPES:
-            return Index(mt, tuple(Descriptor.from_dict(m)
-                                   for m in doc.get("manifests", [])),
-                         raw, digest)
-        return Manifest(mt, Descriptor.from_dict(doc["config"]),
-                        tuple(Descriptor.from_dict(l) for l in doc["layers"]),
-                        raw, digest)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UnsupportedMediaType("malformed %s manifest: missing %s"
-                                   % (mt, exc))
+    if mt in INDEX_TYPES:
+        return Index(mt, tuple(
+            Descriptor.from_dict(m, "index entry %d" % i)
+            for i, m in enumerate(_list(doc, "manifests", "index"))),
+            raw, digest)
+    return Manifest(mt, Descriptor.from_dict(doc.get("config"),
+                                             "manifest config"),
+                    tuple(Descriptor.from_dict(l, "layer %d" % i) for i, l
+                          in enumerate(_list(doc, "layers", "manifest"))),
+                    raw, digest)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The parts of an image config this package uses, checked.
+
+    ``diff_ids`` are the uncompressed layer digests (``rootfs.diff_ids``);
+    ``config`` the run settings (Env, Entrypoint, Cmd, WorkingDir, User...)
+    and ``doc`` the whole JSON object.
+    """
+    platform: Platform
+    diff_ids: Tuple[str, ...]
+    config: Dict = field(hash=False)
+    doc: Dict = field(hash=False)
+
+
+# run settings: key -> the check its value must pass (None is allowed)
+_RUN_FIELDS = {"Env": "strings", "Entrypoint": "strings", "Cmd": "strings",
+               "WorkingDir": "string", "User": "string"}
+
+
+def parse_config(raw, what="image config"):
+    """Parse image config bytes into an ImageConfig, else MalformedImage."""
+    doc = load_json_object(raw, what)
+    platform = Platform.from_dict(doc, what)
+    rootfs = doc.get("rootfs")
+    if not isinstance(rootfs, dict):
+        raise MalformedImage("malformed %s: no rootfs object (a well-formed image "
+                             "config lists its layers in rootfs.diff_ids)"
+                             % what)
+    diff_ids = tuple(check_digest(d, "%s diff_id" % what)
+                     for d in _list(rootfs, "diff_ids", what + " rootfs"))
+    run = doc.get("config") or {}
+    _object(run, what + " config section")
+    for key, kind in _RUN_FIELDS.items():
+        value = run.get(key)
+        if value is None:
+            continue
+        if kind == "string" and not isinstance(value, str):
+            raise MalformedImage("malformed %s: field config.%s is not a string"
+                                 % (what, key))
+        if kind == "strings":
+            _strings(value, "%s field config.%s" % (what, key))
+    return ImageConfig(platform, diff_ids, run, doc)
 
 
 def check_layers_supported(manifest):

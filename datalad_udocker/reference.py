@@ -18,7 +18,13 @@ DOCKER_HUB_API = "registry-1.docker.io"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY_RE = re.compile(r"^%s(?:/%s)*$" % (_COMPONENT, _COMPONENT))
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}\Z")
+# what may follow the "@" of a digest: an algorithm and an encoded value (a
+# "host:port" after an "@", digits too few for any hash, is userinfo)
+_DIGEST_LIKE_RE = re.compile(
+    r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:(?![0-9]{0,15}\Z)[a-zA-Z0-9=_-]*\Z")
+_HINT = ("expected [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST], "
+         "e.g. docker.io/library/busybox:1.36")
 _HOST_RE = re.compile(
     r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
     r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:.]+\])"
@@ -78,20 +84,64 @@ def is_loopback_host(host):
         return False
 
 
+def _userinfo_end(text):
+    """Index of the "@" ending a ``user[:password]@`` part of ``text``, or -1.
+
+    A reference has at most one "@", and it introduces a digest at the very
+    end; any other "@" ends userinfo (credentials typed into the reference).
+    """
+    at = text.rfind("@")
+    if at < 0:
+        return -1
+    if _DIGEST_LIKE_RE.match(text, at + 1) and "@" not in text[:at]:
+        return -1
+    if _DIGEST_LIKE_RE.match(text, at + 1):
+        return text.rfind("@", 0, at)
+    return at
+
+
+def redact_reference(text):
+    """``text`` with any ``user:password@`` part hidden, safe to show."""
+    if not isinstance(text, str):
+        return "<not a string>"
+    end = _userinfo_end(text)
+    if end < 0:
+        return text
+    scheme, sep, _ = text.partition("://")
+    prefix = scheme + sep if sep and len(scheme) < end else ""
+    return prefix + "<credentials>@" + text[end + 1:]
+
+
 def parse_reference(text):
-    """Parse ``text`` into a :class:`Reference` or raise InvalidReference."""
+    """Parse ``text`` into a :class:`Reference` or raise InvalidReference.
+
+    A reference holding credentials (``user:password@host/...``) is refused
+    with a message that does not contain them: credentials belong in
+    ``docker login``'s ~/.docker/config.json, not in a reference that ends
+    up in results, logs and the dataset.
+    """
+    if not isinstance(text, str):
+        raise InvalidReference("invalid image reference (not a string): %s"
+                               % _HINT)
+    if _userinfo_end(text) >= 0:
+        raise InvalidReference(
+            "image reference %r contains credentials (user:password@); "
+            "remove them and log in with `docker login REGISTRY` instead "
+            "(credentials are read from ~/.docker/config.json)"
+            % redact_reference(text))
     original = text
-    hint = ("expected [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST], "
-            "e.g. docker.io/library/busybox:1.36")
+    hint = _HINT
     if not text or text != text.strip() or "://" in text:
         raise InvalidReference("invalid image reference %r: %s" % (original, hint))
     digest = None
     if "@" in text:
         text, digest = text.split("@", 1)
         if not _DIGEST_RE.match(digest):
+            algo = digest.split(":", 1)[0]
             raise InvalidReference(
-                "invalid digest in %r: expected sha256: and 64 lowercase hex "
-                "digits" % original)
+                "invalid digest %r in image reference: %s" % (digest, (
+                    "only sha256: digests are supported" if algo != "sha256"
+                    else "expected sha256: and 64 lowercase hex digits")))
     registry = DOCKER_HUB
     first, sep, rest = text.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost"

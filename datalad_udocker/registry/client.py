@@ -9,11 +9,9 @@ Blob URLs (``{scheme}://{host}/v2/{repository}/blobs/{digest}``) are what an
 import registers in git-annex; :func:`parse_blob_url` and
 :meth:`RegistryClient.for_url` turn one back into a client and a token scope.
 """
-import json
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Tuple, Union
 
@@ -21,9 +19,10 @@ import requests
 import urllib3
 
 from .. import oci
-from ..digest import CHUNK, VerifyingWriter, sha256_digest
+from ..digest import (CHUNK, DIGEST_RE, VerifyingWriter, check_digest,
+                      sha256_digest)
 from ..errors import (DigestMismatch, NotFoundError, PlatformNotFound,
-                      RegistryError, UdockerError, UnsupportedMediaType)
+                      UdockerError, UnsupportedMediaType)
 from ..reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback_host
 from . import credentials as _credentials
 from .transport import Transport, redact_url
@@ -64,7 +63,7 @@ def parse_blob_url(url) -> Tuple[str, str, str]:
     ``http://127.0.0.1:5000/v2/test/x/blobs/sha256:ab..`` ->
     ``("http://127.0.0.1:5000", "test/x", "sha256:ab..")``.
     """
-    m = _BLOB_URL_RE.match(url or "")
+    m = _BLOB_URL_RE.match(url or "") if isinstance(url, str) else None
     if not m:
         raise UdockerError("not a registry blob URL: %s" % redact_url(url))
     return m.group(1), m.group(2), m.group(3)
@@ -102,7 +101,7 @@ class RegistryClient:
 
     def __init__(self, registry_host, insecure_registries: Iterable[str] = (),
                  credentials=_LOOKUP, retries=5, backoff=0.5, max_wait=30.0,
-                 timeout=(15.0, 120.0)):
+                 timeout=(15.0, 120.0), give_up_after=300.0):
         self.registry = registry_host
         self.api_host = (DOCKER_HUB_API if registry_host == DOCKER_HUB
                          else registry_host)
@@ -116,7 +115,8 @@ class RegistryClient:
         self.retries, self.backoff = retries, backoff
         self.transport = Transport(self.base_url, credentials, retries=retries,
                                    backoff=backoff, max_wait=max_wait,
-                                   timeout=timeout)
+                                   timeout=timeout,
+                                   give_up_after=give_up_after)
 
     @classmethod
     def for_url(cls, url, insecure_registries: Iterable[str] = (), **kwargs):
@@ -129,7 +129,8 @@ class RegistryClient:
 
     # -- URLs -----------------------------------------------------------
     def blob_url(self, repository, digest) -> str:
-        return "%s/v2/%s/blobs/%s" % (self.base_url, repository, digest)
+        return "%s/v2/%s/blobs/%s" % (self.base_url, repository,
+                                      check_digest(digest))
 
     def manifest_url(self, repository, reference) -> str:
         return "%s/v2/%s/manifests/%s" % (self.base_url, repository, reference)
@@ -150,25 +151,36 @@ class RegistryClient:
 
         The bytes are checked against ``expected_digest``, the reference
         itself when it is a digest, and the ``Docker-Content-Digest`` header.
+        A body cut short is fetched again (the budget of
+        :class:`.transport.Attempts`).
         """
+        if reference.startswith("sha256:") or expected_digest:
+            check_digest(expected_digest or reference, "manifest digest")
         url = self.manifest_url(repository, reference)
         what = "%s/%s:%s" % (self.registry, repository, reference)
-        try:
-            resp = self.transport.request(
-                "GET", url, headers={"Accept": oci.ACCEPT},
-                scope=pull_scope(repository), stream=True)
-        except NotFoundError as exc:
-            raise NotFoundError(
-                "image %s not found (%s); check the image name and tag"
-                % (what, ", ".join(exc.codes) or "HTTP %s" % exc.status),
-                status=exc.status, codes=exc.codes, url=exc.url) from None
-        declared = resp.headers.get("Content-Type", "").split(";")[0].strip()
-        served = resp.headers.get("Docker-Content-Digest", "")
-        raw = _read_limited(resp, MAX_MANIFEST_BYTES, "manifest " + what)
+        attempts = self.transport.attempts(url, "manifest " + what)
+        while True:
+            try:
+                resp = self.transport.request(
+                    "GET", url, headers={"Accept": oci.ACCEPT},
+                    scope=pull_scope(repository), stream=True,
+                    attempts=attempts)
+            except NotFoundError as exc:
+                raise NotFoundError(
+                    "image %s not found (%s); check the image name and tag"
+                    % (what, ", ".join(exc.codes) or "HTTP %s" % exc.status),
+                    status=exc.status, codes=exc.codes, url=exc.url) from None
+            declared = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            served = resp.headers.get("Docker-Content-Digest", "")
+            try:
+                raw = _read_limited(resp, MAX_MANIFEST_BYTES, "manifest " + what)
+                break
+            except _STREAM_ERRORS as exc:
+                attempts.retry("body cut short (%s)" % type(exc).__name__)
         actual = sha256_digest(raw)
         for expected in (expected_digest,
                          reference if reference.startswith("sha256:") else None,
-                         served if served.startswith("sha256:") else None):
+                         served if DIGEST_RE.match(served) else None):
             if expected and expected != actual:
                 raise DigestMismatch(
                     "manifest %s has digest %s, expected %s; the registry or "
@@ -197,21 +209,14 @@ class RegistryClient:
         else:
             manifest = top
         config_raw = self.get_blob_bytes(repo, manifest.config)
+        config = oci.parse_config(config_raw, "image config of %s" % ref)
         if chosen is None and platform is not None:
-            self._check_single_platform(ref, platform, config_raw)
+            self._check_single_platform(ref, platform, config.platform)
         oci.check_layers_supported(manifest)
         return ResolvedImage(top, manifest, chosen, config_raw)
 
     @staticmethod
-    def _check_single_platform(ref, wanted, config_raw):
-        try:
-            config = json.loads(config_raw)
-            have = oci.Platform(config.get("os", ""),
-                                config.get("architecture", ""),
-                                config.get("variant") or None)
-        except (ValueError, AttributeError):
-            raise UnsupportedMediaType("image config of %s is not a JSON "
-                                       "object" % ref) from None
+    def _check_single_platform(ref, wanted, have):
         if not wanted.matches(have):
             raise PlatformNotFound(
                 "no image for platform %s; %s is a single-platform image for "
@@ -219,24 +224,19 @@ class RegistryClient:
 
     # -- blobs ----------------------------------------------------------
     def get_blob_bytes(self, repository, descriptor: oci.Descriptor) -> bytes:
-        """A small blob (e.g. an image config) in memory, verified."""
+        """A small blob (e.g. an image config) in memory, verified.
+
+        Fetched like a layer (:meth:`_download`): retried, resumed with
+        ``Range`` after a drop, verified before it is returned.
+        """
         if descriptor.size > MAX_SMALL_BLOB_BYTES:
             raise UdockerError(
                 "blob %s is %d bytes, too large to hold in memory (limit %d)"
                 % (descriptor.digest, descriptor.size, MAX_SMALL_BLOB_BYTES))
-        resp = self.transport.request(
-            "GET", self.blob_url(repository, descriptor.digest),
-            headers={"Accept-Encoding": "identity"},
-            scope=pull_scope(repository), stream=True)
-        data = _read_limited(resp, descriptor.size,
-                             "blob %s" % descriptor.digest, DigestMismatch)
-        if len(data) != descriptor.size or sha256_digest(data) != descriptor.digest:
-            raise DigestMismatch(
-                "blob %s failed verification (%d of %d bytes, digest %s); the "
-                "registry or a proxy served wrong bytes" % (
-                    descriptor.digest, len(data), descriptor.size,
-                    sha256_digest(data)))
-        return data
+        writer = VerifyingWriter(None, descriptor.digest, descriptor.size)
+        self._download(self.blob_url(repository, descriptor.digest),
+                       repository, writer, None)
+        return writer.getvalue()
 
     def blob_exists(self, url) -> bool:
         """Does the registry have the blob at ``url`` (a HEAD request)?"""
@@ -262,12 +262,16 @@ class RegistryClient:
         (bytes found in a partial file are reported once, at the start).
         """
         repository, url_digest = self._check_url(url)
-        if url_digest != digest:
+        if url_digest != check_digest(digest):
             raise UdockerError("blob URL %s does not name digest %s"
                                % (redact_url(url), digest))
         resumed = os.path.exists(dest_path) and os.path.getsize(dest_path) > 0
+
+        def fetch(progress):
+            with VerifyingWriter(dest_path, digest, size) as writer:
+                self._download(url, repository, writer, progress)
         try:
-            self._download(url, repository, digest, size, dest_path, progress)
+            fetch(progress)
         except DigestMismatch:
             _unlink(dest_path)
             if not resumed:
@@ -275,12 +279,18 @@ class RegistryClient:
             lgr.debug("resumed download of %s failed verification; "
                       "starting over", digest)
             try:
-                self._download(url, repository, digest, size, dest_path, None)
+                fetch(None)
             except DigestMismatch:
                 _unlink(dest_path)
                 raise
 
-    def _download(self, url, repository, digest, size, dest_path, progress):
+    def _download(self, url, repository, writer, progress):
+        """Fill ``writer`` (a VerifyingWriter) with the blob at ``url``.
+
+        Retries lost connections, truncated bodies, 5xx and 429 on one
+        :class:`.transport.Attempts` budget (progress renews it), resuming
+        with ``Range`` from what ``writer`` holds; verifies at the end.
+        """
         reported = 0
 
         def report(written):
@@ -289,50 +299,42 @@ class RegistryClient:
                 progress(written - reported)
             reported = max(reported, written)
 
-        writer = VerifyingWriter(dest_path, digest, size)
-        try:
-            report(writer.written)
-            failures = 0
-            while writer.written < size:
-                start = writer.written
-                headers = {"Accept-Encoding": "identity"}
-                if start:
-                    headers["Range"] = "bytes=%d-" % start
-                resp = self.transport.request("GET", url, headers=headers,
-                                              scope=pull_scope(repository),
-                                              stream=True)
-                try:
-                    if start and not _continues_at(resp, start):
-                        lgr.debug("%s ignored Range (HTTP %d), restarting "
-                                  "at 0", redact_url(url), resp.status_code)
-                        writer.close()
-                        open(dest_path, "wb").close()
-                        writer = VerifyingWriter(dest_path, digest, size)
-                        if resp.status_code != 200:
-                            continue     # a range we did not ask for
-                    for chunk in resp.raw.stream(CHUNK, decode_content=False):
-                        writer.write(chunk)
-                        report(writer.written)
-                except _STREAM_ERRORS as exc:
-                    failures = 0 if writer.written > start else failures + 1
-                    if failures > self.retries:
-                        raise RegistryError(
-                            "download of %s from %s keeps failing (%s)" % (
-                                digest, redact_url(url), type(exc).__name__),
-                            url=redact_url(url), temporary=True) from None
-                    lgr.debug("download of %s interrupted at %d bytes (%s); "
-                              "resuming", digest, writer.written,
-                              type(exc).__name__)
-                    time.sleep(self.transport.delay(failures))
-                    continue
-                finally:
-                    resp.close()
-                if writer.written == start:
-                    # a clean, empty answer: do not loop forever
-                    break
-            writer.verify()
-        finally:
-            writer.close()
+        attempts = self.transport.attempts(url, "blob " + writer.digest)
+        report(writer.written)
+        while writer.written < writer.size:
+            start = writer.written
+            headers = {"Accept-Encoding": "identity"}
+            if start:
+                headers["Range"] = "bytes=%d-" % start
+            resp = self.transport.request("GET", url, headers=headers,
+                                          scope=pull_scope(repository),
+                                          stream=True, attempts=attempts)
+            try:
+                if start and not _continues_at(resp, start):
+                    lgr.debug("%s ignored Range (HTTP %d), restarting at 0",
+                              redact_url(url), resp.status_code)
+                    writer.reset()
+                    if resp.status_code != 200:
+                        attempts.retry("a range we did not ask for")
+                        continue
+                for chunk in resp.raw.stream(CHUNK, decode_content=False):
+                    writer.write(chunk)
+                    report(writer.written)
+            except _STREAM_ERRORS as exc:
+                if writer.written > start:
+                    attempts.progressed()
+                attempts.retry("interrupted at %d bytes (%s)"
+                               % (writer.written, type(exc).__name__))
+                continue
+            finally:
+                resp.close()
+            if writer.written == start:
+                break        # a clean, empty answer: verify() says what is wrong
+            if writer.written < writer.size:
+                attempts.progressed()
+                attempts.retry("body ended at %d of %d bytes"
+                               % (writer.written, writer.size))
+        writer.verify()
 
 
 def _continues_at(resp, start):

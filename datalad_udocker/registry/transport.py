@@ -10,12 +10,19 @@ One :class:`Transport` talks to one registry (scheme + host + port, its
   (realm, service, scope) until shortly before ``expires_in`` (default 60 s)
   runs out, and the request is sent again.  ``Basic`` challenges are answered
   with the credentials.  A second 401 means wrong credentials:
-  :class:`AuthenticationError`.
-- ``429``, ``502``, ``503``, ``504`` and connection failures are retried with
-  exponential backoff, honouring ``Retry-After`` (seconds or an HTTP date);
-  every wait is capped at ``max_wait``.
+  :class:`AuthenticationError`.  Only a challenge from the registry's own
+  origin is answered: a 401 from a host reached by a redirect (a CDN) is an
+  error, so credentials go to the registry and the token realm *it* named,
+  never to a realm a third host names.
+- ``408``, ``429``, ``500``, ``502``, ``503``, ``504`` and lost connections
+  are retried with exponential backoff, honouring ``Retry-After`` (seconds or
+  an HTTP date); every wait is capped at ``max_wait``.  :class:`Attempts` is
+  the one retry budget every read uses (requests here, token forms, manifest
+  and blob bodies in :mod:`.client`): at most ``retries`` failures in a row
+  and ``give_up_after`` seconds without progress, then one clear error.
 - Redirects are followed by hand; ``Authorization`` only ever goes to the
-  origin it was meant for (a blob redirected to a CDN or S3 gets none).
+  origin it was meant for (a blob redirected to a CDN or S3 gets none), and a
+  form (an OAuth2 refresh token) is never sent on to a redirect target.
 - ``404`` and the codes MANIFEST_UNKNOWN, NAME_UNKNOWN, BLOB_UNKNOWN ->
   :class:`NotFoundError`; ``401``/``403`` -> :class:`AuthenticationError`;
   anything else -> :class:`RegistryError` with ``temporary`` set when a retry
@@ -26,6 +33,7 @@ is guarded by a lock.
 """
 import base64
 import email.utils
+import json
 import logging
 import re
 import threading
@@ -35,13 +43,17 @@ from typing import Dict, Optional, Tuple
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
+import urllib3
 
 from ..errors import AuthenticationError, NotFoundError, RegistryError
 
 lgr = logging.getLogger("datalad.udocker.registry.transport")
 
-RETRY_STATUSES = frozenset((429, 502, 503, 504))
-TEMPORARY_STATUSES = RETRY_STATUSES | {408, 500}
+RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))
+TEMPORARY_STATUSES = RETRY_STATUSES
+# a lost or broken connection: worth another try
+CONNECTION_ERRORS = (requests.ConnectionError, requests.Timeout,
+                     requests.exceptions.ChunkedEncodingError)
 NOT_FOUND_CODES = frozenset(("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"))
 REDIRECT_STATUSES = frozenset((301, 302, 303, 307, 308))
 MAX_REDIRECTS = 10
@@ -49,6 +61,7 @@ USER_AGENT = "datalad-udocker"
 CLIENT_ID = "datalad-udocker"
 _SENSITIVE_PARAM = re.compile(
     r"token|sig|credential|key|auth|password|secret|policy", re.I)
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,16384}\Z")    # printable, no space/CR/LF
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
@@ -111,13 +124,38 @@ def retry_after_seconds(value, now=None) -> Optional[float]:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+MAX_JSON_BODY = 1 << 20    # an error or token answer is a few hundred bytes
+
+
+def _one_line(value, limit):
+    """``value`` as text fit for a one-line message (whitespace folded)."""
+    return " ".join(str(value).split())[:limit]
+
+
+def json_body(response, limit=MAX_JSON_BODY):
+    """The JSON object in ``response``'s body (at most ``limit`` bytes read),
+    or None for anything else: too long, cut short, not JSON, too deep."""
+    try:
+        raw = b""
+        for chunk in response.iter_content(65536):
+            raw += chunk
+            if len(raw) > limit:
+                return None
+        body = json.loads(raw)
+    except (ValueError, RecursionError, requests.RequestException,
+            urllib3.exceptions.HTTPError, OSError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def error_codes(response):
     """(codes, first message) from a registry's JSON error body."""
     try:
-        body = response.json()
+        body = json_body(response)
         errors = body.get("errors") or []
-        codes = tuple(str(e.get("code")) for e in errors if e.get("code"))
-        message = next((str(e["message"]) for e in errors
+        codes = tuple(_one_line(e.get("code"), 40) for e in errors
+                      if e.get("code"))
+        message = next((_one_line(e["message"], 200) for e in errors
                         if e.get("message")), "")
         return codes, message
     except (ValueError, AttributeError, TypeError):
@@ -130,6 +168,11 @@ def error_codes(response):
 _NOBODY_THERE = re.compile(r"\[Errno (111|-2|-3|-5)\]|Connection refused|"
                            r"Name or service not known|"
                            r"Temporary failure in name resolution")
+
+
+def _netloc(url):
+    """host[:port] of ``url``, without userinfo."""
+    return urlsplit(url).netloc.rpartition("@")[2]
 
 
 def _nobody_there(exc):
@@ -150,17 +193,66 @@ class _Token:
     expires_at: float
 
 
+class Attempts:
+    """The retry budget of one read: the package's one retry loop.
+
+    A read (a manifest, a token, a whole blob) makes one ``Attempts`` and
+    passes it to every try.  After a failed try, :meth:`retry` sleeps (backoff
+    doubling from ``transport.backoff``, ``Retry-After`` honoured, each wait
+    at most ``transport.max_wait``) or, once ``transport.retries`` failures in
+    a row or ``transport.give_up_after`` seconds without progress are used
+    up, raises one temporary RegistryError.  :meth:`progressed` (bytes
+    arrived) starts both counts again, so a long download that keeps moving
+    is never cut short.
+    """
+
+    def __init__(self, transport, url, what=None):
+        self.transport = transport
+        self.url = url
+        self.what = what or redact_url(url)
+        self.failures = 0
+        self.deadline = time.monotonic() + transport.give_up_after
+
+    def can_retry(self, limit=None) -> bool:
+        limit = self.transport.retries if limit is None else limit
+        return self.failures < limit and time.monotonic() < self.deadline
+
+    def wait(self, reason, retry_after=None) -> None:
+        """Sleep before the next try (no check: see :meth:`can_retry`)."""
+        wait = min(self.transport.delay(self.failures, retry_after),
+                   max(0.0, self.deadline - time.monotonic()))
+        self.failures += 1
+        lgr.debug("%s: %s; retry %d in %.2fs", self.what, reason,
+                  self.failures, wait)
+        time.sleep(wait)
+
+    def retry(self, reason, retry_after=None) -> None:
+        """Sleep before the next try, or raise when the budget is spent."""
+        if not self.can_retry():
+            raise RegistryError(
+                "giving up on %s after %d failed attempts (last: %s); the "
+                "registry or the network keeps failing, try again later"
+                % (self.what, self.failures + 1, reason),
+                url=redact_url(self.url), temporary=True)
+        self.wait(reason, retry_after)
+
+    def progressed(self) -> None:
+        self.failures = 0
+        self.deadline = time.monotonic() + self.transport.give_up_after
+
+
 class Transport:
     """Authenticating, retrying HTTP for one registry origin.
 
     ``base_url`` is ``scheme://host[:port]``; ``credentials`` a
     :class:`~.credentials.Credentials` or None.  ``retries`` is the number of
     retries after the first attempt; waits start at ``backoff`` seconds and
-    double, each capped at ``max_wait``.
+    double, each capped at ``max_wait``; no read keeps retrying longer than
+    ``give_up_after`` seconds without progress (see :class:`Attempts`).
     """
 
     def __init__(self, base_url, credentials=None, retries=5, backoff=0.5,
-                 max_wait=30.0, timeout=(15.0, 120.0)):
+                 max_wait=30.0, timeout=(15.0, 120.0), give_up_after=300.0):
         self.base_url = base_url.rstrip("/")
         self.origin = origin(self.base_url)
         self.host = urlsplit(self.base_url).netloc
@@ -169,6 +261,7 @@ class Transport:
         self.backoff = backoff
         self.max_wait = max_wait
         self.timeout = timeout
+        self.give_up_after = give_up_after
         self._local = threading.local()
         self._lock = threading.RLock()
         self._challenge = None          # (scheme, params) last seen
@@ -192,8 +285,16 @@ class Transport:
             wait = self.backoff * (2 ** attempt)
         return min(wait, self.max_wait)
 
-    def _follow(self, method, url, headers, stream, authorization):
-        """One attempt: send, following redirects by hand."""
+    def attempts(self, url, what=None) -> Attempts:
+        """A fresh retry budget for one read of ``url``."""
+        return Attempts(self, url, what)
+
+    def _follow(self, method, url, headers, stream, authorization, data=None):
+        """One attempt: send, following redirects by hand.
+
+        A request with a form body (``data``) follows no redirect: its body
+        may hold a secret meant for ``url`` only.
+        """
         auth_origin = origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             hop = dict(headers or {})
@@ -201,7 +302,9 @@ class Transport:
                 hop["Authorization"] = authorization
             resp = self.session.request(
                 method, url, headers=hop, stream=stream, auth=_no_auth,
-                allow_redirects=False, timeout=self.timeout)
+                allow_redirects=False, timeout=self.timeout, data=data)
+            if data is not None:
+                return resp
             location = resp.headers.get("Location")
             if resp.status_code not in REDIRECT_STATUSES or not location:
                 return resp
@@ -212,44 +315,48 @@ class Transport:
                             url=redact_url(url))
 
     def send(self, method, url, headers=None, stream=False,
-             authorization=None) -> requests.Response:
-        """Send with retries for rate limits, 5xx gateways and lost connections.
+             authorization=None, data=None, attempts=None
+             ) -> requests.Response:
+        """Send with retries for rate limits, 5xx answers and lost connections.
 
+        ``attempts`` is the read's retry budget (a fresh one if None).
         Returns the last response whatever its status; raises RegistryError
-        only when no response could be had.
+        (never a ``requests`` exception) when no response could be had.
         """
-        attempt = 0
+        attempts = attempts or self.attempts(url)
+        host = urlsplit(url).netloc.rpartition("@")[2]
         while True:
             try:
-                resp = self._follow(method, url, headers, stream, authorization)
+                resp = self._follow(method, url, headers, stream,
+                                    authorization, data)
             except requests.exceptions.SSLError as exc:
                 raise RegistryError(
-                    "TLS error talking to %s (%s); if this registry serves "
-                    "plain http, add it to datalad.udocker.insecure-registries"
-                    % (urlsplit(url).netloc.rpartition("@")[2],
-                       type(exc).__name__), url=redact_url(url))
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                limit = min(self.retries, 2) if _nobody_there(exc) else self.retries
-                if attempt >= limit:
+                    "TLS error talking to %s (%s); if its certificate is "
+                    "signed by a private CA or your network inspects TLS, "
+                    "add that CA to the system trust store or point "
+                    "REQUESTS_CA_BUNDLE at it" % (host, type(exc).__name__),
+                    url=redact_url(url)) from None
+            except CONNECTION_ERRORS as exc:
+                limit = min(self.retries, 2) if _nobody_there(exc) else None
+                if not attempts.can_retry(limit):
                     raise RegistryError(
                         "cannot reach %s after %d attempts (%s); check the "
                         "network and the registry name"
-                        % (urlsplit(url).netloc.rpartition("@")[2],
-                           attempt + 1, _connection_reason(exc)),
-                        url=redact_url(url), temporary=True)
-                wait = self.delay(attempt)
-                lgr.debug("connection to %s failed (%s), retrying in %.2fs",
-                          redact_url(url), _connection_reason(exc), wait)
-            else:
-                if (resp.status_code not in RETRY_STATUSES
-                        or attempt >= self.retries):
-                    return resp
-                wait = self.delay(attempt, resp.headers.get("Retry-After"))
-                lgr.debug("%s answered %d, retrying in %.2fs",
-                          redact_url(url), resp.status_code, wait)
-                resp.close()
-            attempt += 1
-            time.sleep(wait)
+                        % (host, attempts.failures + 1, _connection_reason(exc)),
+                        url=redact_url(url), temporary=True) from None
+                attempts.wait(_connection_reason(exc))
+                continue
+            except (requests.RequestException, ValueError) as exc:
+                raise RegistryError(
+                    "request to %s failed (%s); check the registry name"
+                    % (redact_url(url), type(exc).__name__),
+                    url=redact_url(url)) from None
+            if (resp.status_code not in RETRY_STATUSES
+                    or not attempts.can_retry()):
+                return resp
+            resp.close()
+            attempts.wait("HTTP %d" % resp.status_code,
+                          resp.headers.get("Retry-After"))
 
     # -- authentication -------------------------------------------------
     def _basic(self):
@@ -281,9 +388,16 @@ class Transport:
         """Ask the realm for a token (caller holds the lock)."""
         if not realm.startswith(("http://", "https://")):
             raise AuthenticationError(
-                "registry %s sent an unusable token realm %r"
-                % (self.host, realm))
+                "registry %s sent an unusable token realm %s"
+                % (self.host, redact_url(realm)))
         c = self.credentials
+        if (c is not None and self.origin[0] == "https"
+                and origin(realm)[0] != "https"):
+            raise AuthenticationError(
+                "registry %s names a plain-http token service %s; refusing "
+                "to send credentials unencrypted (ask the registry's "
+                "operator to serve its token service over https)"
+                % (self.host, redact_url(realm)), url=redact_url(realm))
         params = [(k, v) for k, v in (("service", service), ("scope", scope))
                   if v]
         if c is not None and c.identity_token:
@@ -301,13 +415,15 @@ class Transport:
                 raise self._auth_error(resp.status_code, realm)
             if resp.status_code != 200:
                 raise self.error(resp, realm)
+            body = json_body(resp) or {}
+            value = body.get("token") or body.get("access_token")
             try:
-                body = resp.json()
-                value = body.get("token") or body.get("access_token")
                 expires_in = float(body.get("expires_in") or 60)
-            except (ValueError, AttributeError, TypeError):
-                value, expires_in = None, 0
-        if not value:
+            except (ValueError, TypeError, OverflowError):
+                expires_in = 60.0
+            if not 0 < expires_in < 86400:     # nan, negative, absurd
+                expires_in = 60.0 if not expires_in > 0 else 86400.0
+        if not isinstance(value, str) or not _TOKEN_RE.match(value):
             raise RegistryError("token service %s returned no token"
                                 % redact_url(realm), url=redact_url(realm))
         margin = min(10.0, expires_in / 4)
@@ -316,23 +432,12 @@ class Transport:
         return _Token(value, time.monotonic() + expires_in - margin)
 
     def _post_form(self, url, data):
-        """OAuth2 refresh-token grant (identity tokens), with retries."""
-        attempt = 0
-        while True:
-            try:
-                resp = self.session.post(url, data=data, auth=_no_auth,
-                                         timeout=self.timeout,
-                                         allow_redirects=False)
-            except (requests.ConnectionError, requests.Timeout):
-                if attempt >= self.retries:
-                    raise
-            else:
-                if (resp.status_code not in RETRY_STATUSES
-                        or attempt >= self.retries):
-                    return resp
-                resp.close()
-            time.sleep(self.delay(attempt))
-            attempt += 1
+        """OAuth2 refresh-token grant (identity tokens), with retries.
+
+        The form goes to ``url`` only (no redirect is followed) and failures
+        are RegistryErrors like every other request's.
+        """
+        return self.send("POST", url, data=data)
 
     def _auth_error(self, status, url):
         if self.credentials is None:
@@ -353,11 +458,12 @@ class Transport:
 
     # -- the public entry point -----------------------------------------
     def request(self, method, url, headers=None, scope=None,
-                stream=False) -> requests.Response:
+                stream=False, attempts=None) -> requests.Response:
         """Send an authenticated request to this registry; raise on failure.
 
         ``scope`` (e.g. ``repository:library/busybox:pull``) lets a known
-        Bearer challenge be answered before the first 401.  Returns a 2xx
+        Bearer challenge be answered before the first 401.  ``attempts`` is
+        the read's retry budget (see :class:`Attempts`).  Returns a 2xx
         response (the caller closes it when ``stream`` is true).
         """
         if origin(url) != self.origin:
@@ -366,11 +472,22 @@ class Transport:
                 % (self.host, redact_url(url)), url=redact_url(url))
         authorization = self._authorization(scope)
         for attempt in range(2):
-            resp = self.send(method, url, headers, stream, authorization)
+            resp = self.send(method, url, headers, stream, authorization,
+                             attempts=attempts)
             if resp.status_code != 401:
                 break
             challenge = parse_challenge(resp.headers.get("WWW-Authenticate"))
             resp.close()
+            answered_by = origin(resp.url or url)
+            if answered_by != self.origin:
+                # a CDN (or anyone a redirect led to) asking for credentials:
+                # its realm is not ours to trust with them
+                raise AuthenticationError(
+                    "%s, reached by a redirect from registry %s, asked for "
+                    "credentials (HTTP 401); credentials are only sent to "
+                    "%s and the token service it names, so none were sent"
+                    % (_netloc(resp.url), self.host, self.host),
+                    status=401, url=redact_url(resp.url))
             if attempt == 1 or challenge is None or (
                     challenge[0] == "basic" and (
                         self.credentials is None or authorization)):
