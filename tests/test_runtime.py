@@ -7,7 +7,9 @@ containers-run calls) or the Python API.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -166,6 +168,63 @@ def test_python_api_captures(nonroot, udir, images, workdir):
         f"dataset={str(workdir)!r}, cwd={str(workdir)!r}, env={{'FOO': 'bar'}})\n"
         "print(json.dumps([code, out.decode(), err.decode()]))"))
     assert got == [3, f"bar\n{workdir}\n", "e\n"]
+
+
+def _cmdlines_holding(secret: bytes):
+    """``pid: argv`` of every process whose command line contains ``secret``."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:         # gone meanwhile
+                continue
+            if secret in cmdline:
+                found[proc.name] = cmdline.split(b"\0")
+    return found
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1"])
+def test_env_values_stay_off_command_lines(nonroot, udir, images, workdir, mode):
+    """``run_image(env=...)``: while the command runs, no process shows the value."""
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    for fifo in ("ready", "go"):
+        os.mkfifo(workdir / fifo)
+        nonroot.chown(workdir / fifo)
+    code = (
+        "import json, os; from datalad_udocker.run.runtime import run_image\n"
+        f"r = run_image({str(images['busybox'])!r}, ['sh', '-c', "
+        "'echo \"$TOKEN\" > ready; read x < go; echo \"got $TOKEN $PLAIN\"'], "
+        f"dataset={str(workdir)!r}, cwd={str(workdir)!r}, execmode={mode!r}, "
+        "env={'TOKEN': os.environ.pop('TEST_TOKEN'), 'PLAIN': 'visible'})\n"
+        "print(json.dumps([r.exit_code, r.stdout.decode(), r.stderr.decode()]))")
+    proc = subprocess.Popen(
+        nonroot.command([PY, "-c", code]), cwd=str(workdir), start_new_session=True,
+        env=nonroot.env({"DATALAD_UDOCKER_DIR": str(udir), "TEST_TOKEN": secret}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # blocks until the command in the container has the value (or the run died)
+        reader = subprocess.run(["timeout", "120", "cat", str(workdir / "ready")],
+                                capture_output=True, text=True)
+        assert reader.stdout == secret + "\n", proc.poll()
+        assert _cmdlines_holding(secret.encode()) == {}
+        (workdir / "go").write_text("go\n")
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert json.loads(out.splitlines()[-1]) == [0, f"got {secret} visible\n", ""]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_invalid_env_name_refused(nonroot, udir, images):
+    res = nonroot.run([PY, "-c", (
+        "from datalad_udocker.run.runtime import run_image\n"
+        f"run_image({str(images['busybox'])!r}, 'true', env={{'A=B': 'x'}})")],
+        env={"DATALAD_UDOCKER_DIR": str(udir)}, check=False)
+    assert res.returncode != 0
+    assert "invalid environment variable name 'A=B'" in res.stderr.splitlines()[-1]
 
 
 # --- the container cache --------------------------------------------------------------------

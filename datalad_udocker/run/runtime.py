@@ -32,6 +32,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import time
@@ -50,6 +51,7 @@ __all__ = ["run_image", "RunResult", "Runtime", "CachedContainer",
            "CommandNotFound", "plan_mounts"]
 
 NAME_PREFIX = "dlu-"
+_ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass
@@ -249,13 +251,20 @@ class Runtime:
         ``dataset`` (a path) is bind-mounted at its own path and the
         command runs in ``cwd`` (default: the current directory) if that is
         inside it, else in the dataset's root; without a dataset it runs in
-        the image's WorkingDir.  ``env`` adds or overrides variables,
+        the image's WorkingDir.  ``env`` adds or overrides variables
+        (their values never appear on a command line, see
+        :meth:`.UdockerCLI.run`),
         ``entrypoint`` replaces the image's Entrypoint (``docker run
         --entrypoint``).
         With ``capture`` the output is returned, else it goes to this
         process's stdout/stderr.  Returns a RunResult; raises UdockerError
         subclasses when the command could not be started.
         """
+        bad = [k for k in (env or {}) if not _ENV_NAME.match(str(k))]
+        if bad:
+            raise RuntimeError_("invalid environment variable name %r: use "
+                                "letters, digits and _ (not first a digit)"
+                                % bad[0])
         layout = layout if isinstance(layout, OCILayout) else OCILayout(layout)
         name = container_name(layout.manifest_descriptor().digest,
                               self.execmode)
@@ -268,7 +277,6 @@ class Runtime:
                     "WorkingDir") or "/"
             opts = ["--nobanner", "--workdir=" + workdir]
             opts += ["--volume=%s:%s" % (b, b) for b in binds]
-            opts += ["--env=%s=%s" % kv for kv in sorted((env or {}).items())]
             if entrypoint:
                 opts.append("--entrypoint=" + entrypoint)
             if self.execmode == "F1":
@@ -279,7 +287,7 @@ class Runtime:
                                    "/etc/host.conf"] + binds)]
             code, out, err = self.udocker.run(
                 opts, entry.container_id, command,
-                find_tools(self.execmode, self.udocker_dir), capture)
+                find_tools(self.execmode, self.udocker_dir), capture, env)
             return RunResult(code, out, err)
 
 
