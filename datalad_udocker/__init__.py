@@ -25,5 +25,5 @@ command_suite = (
 
 # DataLad imports this module to load the extension: let the shell that
 # containers-run starts find our runner in an unactivated venv
-from .run.cli import make_runner_findable  # noqa: E402
+from .callformat import make_runner_findable  # noqa: E402
 make_runner_findable()

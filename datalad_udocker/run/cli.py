@@ -12,7 +12,7 @@ Datasets made by 0.1 record ``{python} -m datalad_udocker.runtime_cli ...``,
 which still works (that module forwards here).  When DataLad loads this
 extension (``containers-run``, ``import datalad.api``) and the console
 script is not on PATH (a venv called by absolute path, not activated), the
-directory holding it is appended to PATH (:func:`make_runner_findable`).
+directory holding it is appended to PATH (:mod:`..callformat`).
 
 Users can call it directly::
 
@@ -30,54 +30,13 @@ missing execution tool, an unknown execution mode, ...).
 """
 import argparse
 import logging
-import os
-import shutil
 import sys
-import sysconfig
 
+from ..callformat import RUNNER as PROG
 from ..errors import UdockerError
 
 EXIT_NOT_FOUND = 127
 EXIT_FAILED = 125
-PROG = "datalad-udocker-run"
-
-# what single quotes in the shell (and DataLad's own {placeholder}
-# expansion of a run command) cannot carry literally
-_UNQUOTABLE = set("'{}") | {chr(c) for c in range(32)} | {chr(127)}
-
-
-def check_image_path(relpath):
-    """Refuse an image path that the call format cannot carry.
-
-    The path ends up single-quoted in a shell command (:data:`..config.CMDEXEC`)
-    which DataLad also expands ``{placeholders}`` in: spaces, ``$``, ``;``,
-    backticks and double quotes are fine, a single quote, a brace or a
-    control character is not.
-    """
-    bad = sorted(set(relpath) & _UNQUOTABLE)
-    if bad:
-        raise UdockerError(
-            "cannot store an image at %r: containers-run cannot pass a path "
-            "containing %s; choose a path without them"
-            % (relpath, " ".join(repr(c) for c in bad)))
-
-
-def make_runner_findable():
-    """Append the directory of our console script to PATH if it is not found.
-
-    ``containers-run`` executes the recorded ``datalad-udocker-run ...`` with
-    a shell that searches PATH, which lacks an unactivated venv's bin.
-    """
-    if shutil.which(PROG):
-        return
-    for scripts in (os.path.dirname(sys.executable),
-                    sysconfig.get_path("scripts"),
-                    sysconfig.get_path("scripts", "%s_user" % os.name)):
-        if scripts and os.access(os.path.join(scripts, PROG), os.X_OK):
-            path = os.environ.get("PATH")
-            os.environ["PATH"] = (path + os.pathsep if path else "") + scripts
-            return
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
