@@ -13,6 +13,7 @@ import datalad.api as dl
 
 import datalad_udocker.commands.export_image  # noqa: F401  (binds Dataset.udocker_export)
 from checks import git
+from fixtures.util import stop_process
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -136,11 +137,15 @@ def test_stdout_pipes_into_docker_load(stored, registry, dockerd, cli):
     pushed = registry.images["test/multi:1"]
     exporter = subprocess.Popen(_stream_cmd(stored.path, "multi", cli),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    loader = subprocess.run([dockerd.client, "--host", dockerd.host, "load"],
-                            stdin=exporter.stdout, capture_output=True, env=dockerd.env)
-    exporter.stdout.close()
-    err = exporter.stderr.read().decode()
-    assert exporter.wait() == 0, err
+    try:
+        loader = subprocess.run([dockerd.client, "--host", dockerd.host, "load"],
+                                stdin=exporter.stdout, capture_output=True, env=dockerd.env,
+                                timeout=300)
+        exporter.stdout.close()
+        err = exporter.stderr.read().decode()
+        assert exporter.wait(timeout=60) == 0, err
+    finally:
+        stop_process(exporter)
     assert loader.returncode == 0, loader.stderr.decode() + err
     assert pushed.reference in loader.stdout.decode()
     # the result was rendered, but on stderr, not into the tar
