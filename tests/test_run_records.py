@@ -79,10 +79,14 @@ def test_image_path_with_shell_metacharacters(nonroot, registry, base):
         assert not marker.exists(), "the image path was executed by the shell"
         record, _ = last_record(run, ds)
         assert "'" + odd + "'" in record["cmd"]
-        # and the record reruns
+        # and the record reruns, also by absolute path from the unactivated venv when
+        # DataLad is told to load the extension (`datalad rerun` is a core command)
         (ds / "out.txt").unlink()
         run(["git", "checkout", "out.txt"], cwd=ds)
-        run(["datalad", "rerun"], cwd=ds)
+        res = nonroot.run([str(VENV / "bin" / "datalad"), "-c",
+                           "datalad.extensions.load=udocker", "rerun"],
+                          cwd=ds, env={**env, "PATH": SYSTEM_PATH})
+        assert "to-stdout" in res.stdout
         assert (ds / "out.txt").read_text() == "in-container\n"
         assert not marker.exists()
         assert run(["git", "status", "--porcelain"], cwd=ds).stdout == ""
