@@ -199,6 +199,18 @@ def _cmdlines_holding(secret: bytes):
     return found
 
 
+def _files_holding(root: Path, secret: bytes):
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+            and secret in p.read_bytes()]
+
+
+def _others_can_read(path: Path) -> bool:
+    """Whether a user other than the owner (and not in its group) can read ``path``."""
+    if not path.stat().st_mode & 0o004:
+        return False
+    return all(d.stat().st_mode & 0o001 for d in path.parents)
+
+
 @pytest.mark.parametrize("mode", ["P1", "R1"])
 def test_env_values_stay_off_command_lines(nonroot, udir, images, workdir, mode):
     """``run_image(env=...)``: while the command runs, no process shows the value."""
@@ -223,10 +235,15 @@ def test_env_values_stay_off_command_lines(nonroot, udir, images, workdir, mode)
                                 capture_output=True, text=True)
         assert reader.stdout == secret + "\n", proc.poll()
         assert _cmdlines_holding(secret.encode()) == {}
+        # files holding it meanwhile (runc's spec) are for the user's eyes only
+        held = _files_holding(udir, secret.encode())
+        assert not [p for p in held if _others_can_read(p)], held
         (workdir / "go").write_text("go\n")
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         assert json.loads(out.splitlines()[-1]) == [0, f"got {secret} visible\n", ""]
+        # nor is it left on disk in the udocker directory
+        assert _files_holding(udir, secret.encode()) == []
     finally:
         kill_group(proc)
 

@@ -285,10 +285,33 @@ class Runtime:
                 opts += ["--nosysdirs", "--env=FAKECHROOT_EXCLUDE_PATH=" +
                          ":".join(["/dev", "/proc", "/sys", "/etc/resolv.conf",
                                    "/etc/host.conf"] + binds)]
-            code, out, err = self.udocker.run(
-                opts, entry.container_id, command,
-                find_tools(self.execmode, self.udocker_dir), capture, env)
+            if self.execmode == "R1":
+                # runc's spec (config.json, the env included) is written
+                # into the container directory: only the user may read it
+                os.chmod(entry.path, 0o700)
+            try:
+                code, out, err = self.udocker.run(
+                    opts, entry.container_id, command,
+                    find_tools(self.execmode, self.udocker_dir), capture, env)
+            finally:
+                if self.execmode == "R1":
+                    _drop_runc_spec(fd, entry.path)
             return RunResult(code, out, err)
+
+
+def _drop_runc_spec(fd, container_path):
+    """Remove runc's spec (it holds the run's env values) unless another run
+    of this container is using it; the last one to finish removes it.
+
+    udocker writes a new spec for every run.  ``fd`` is the container's lock,
+    held shared by every run.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(container_path, "config.json"))
 
 
 def plan_mounts(dataset, cwd=None):
