@@ -22,3 +22,8 @@ command_suite = (
          "udocker-containers", "udocker_containers"),
     ],
 )
+
+# DataLad imports this module to load the extension: let the shell that
+# containers-run starts find our runner in an unactivated venv
+from .callformat import make_runner_findable  # noqa: E402
+make_runner_findable()

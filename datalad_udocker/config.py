@@ -26,8 +26,11 @@ SPECIAL_REMOTE_NAME = "udocker-registry"
 SPECIAL_REMOTE_TYPE = "udocker"   # git-annex-remote-udocker
 
 # datalad-container call format: the runtime's entry point.  {img} is the
-# layout directory, {img_dspath} the dataset holding it, {cmd} the command.
-CMDEXEC = "{python} -m datalad_udocker.run.cli --dataset {img_dspath} {img} {cmd}"
+# layout directory, {img_dspath} the dataset holding it (both relative to the
+# caller's directory, single-quoted for the shell that runs the command; the
+# import refuses image paths the quotes cannot hold), {cmd} the command.  The
+# console script, not {python}: the run record must rerun for anyone.
+CMDEXEC = "datalad-udocker-run -d '{img_dspath}' '{img}' {cmd}"
 
 
 def _cfg():

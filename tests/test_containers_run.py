@@ -7,6 +7,7 @@ registry through the special remote) in P1, F1 and R1, ``datalad rerun``.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -80,6 +81,21 @@ def test_containers_run_in_clone_and_rerun(user, registry, mode, ref, name):
     assert out.read_text() == "Linux\n"
     assert user.containers() == containers
     assert user.run(["git", "status", "--porcelain"], cwd=clone).stdout == ""
+    # the command's exit status, exactly: DataLad exits with it and records it
+    res = user.run(["datalad", "containers-run", "-n", name,
+                    "sh -c 'echo partial > failed.txt; exit 3'"], cwd=clone, check=False)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "run(error)" in res.stdout
+    assert run_record((clone / ".git" / "COMMIT_EDITMSG").read_text())["exit"] == 3
+    assert (clone / "failed.txt").read_text() == "partial\n"
+    (clone / "failed.txt").unlink()
+    assert user.run(["git", "status", "--porcelain"], cwd=clone).stdout == ""
+
+
+def run_record(message):
+    """The run record in a ``[DATALAD RUNCMD]`` commit message."""
+    return json.loads(message.split("=== Do not change lines below ===\n", 1)[1]
+                      .split("\n^^^ Do not change lines above ^^^", 1)[0])
 
 
 def test_entrypoint_cmd_env_and_cwd(user, registry):

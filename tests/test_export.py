@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -12,6 +13,7 @@ import datalad.api as dl
 
 import datalad_udocker.commands.export_image  # noqa: F401  (binds Dataset.udocker_export)
 from checks import git
+from fixtures.util import stop_process
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -135,11 +137,15 @@ def test_stdout_pipes_into_docker_load(stored, registry, dockerd, cli):
     pushed = registry.images["test/multi:1"]
     exporter = subprocess.Popen(_stream_cmd(stored.path, "multi", cli),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    loader = subprocess.run([dockerd.client, "--host", dockerd.host, "load"],
-                            stdin=exporter.stdout, capture_output=True, env=dockerd.env)
-    exporter.stdout.close()
-    err = exporter.stderr.read().decode()
-    assert exporter.wait() == 0, err
+    try:
+        loader = subprocess.run([dockerd.client, "--host", dockerd.host, "load"],
+                                stdin=exporter.stdout, capture_output=True, env=dockerd.env,
+                                timeout=300)
+        exporter.stdout.close()
+        err = exporter.stderr.read().decode()
+        assert exporter.wait(timeout=60) == 0, err
+    finally:
+        stop_process(exporter)
     assert loader.returncode == 0, loader.stderr.decode() + err
     assert pushed.reference in loader.stdout.decode()
     # the result was rendered, but on stderr, not into the tar
@@ -190,3 +196,27 @@ def test_export_fails_cleanly_when_layers_unavailable(stored, tmp_path):
     assert res["status"] == "error", res
     assert "cannot get layer content" in res["message"]
     assert not out.exists() and not list(tmp_path.glob(".never.tar*"))
+
+
+def test_export_failing_midway_leaves_no_partial_output(stored, tmp_path):
+    """The last layer is corrupt: the export has written the others when it fails."""
+    clone = dl.clone(stored.path, tmp_path / "clone", result_renderer="disabled")
+    layout = Path(clone.path) / ".datalad/environments/multi/image"
+    clone.get(str(layout), result_renderer="disabled")
+    index = json.loads((layout / "index.json").read_text())
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    assert len(manifest["layers"]) >= 2
+    last = manifest["layers"][-1]["digest"]
+    obj = Path(os.path.realpath(blobs / last.split(":")[1]))
+    obj.parent.chmod(0o755)
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0xFF          # same size: found only by hashing while writing
+    obj.write_bytes(bytes(data))
+    out = tmp_path / "never.tar"
+    res = export(clone, "multi", output=str(out))
+    assert res["status"] == "error", res
+    assert "export failed" in res["message"] and last in res["message"], res["message"]
+    assert not out.exists()
+    assert not list(tmp_path.glob(".never.tar*"))

@@ -6,8 +6,11 @@ containers-run calls) or the Python API.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -168,6 +171,92 @@ def test_python_api_captures(nonroot, udir, images, workdir):
     assert got == [3, f"bar\n{workdir}\n", "e\n"]
 
 
+def start(argv, **kw) -> subprocess.Popen:
+    """Popen in a new session, so that :func:`kill_group` reaches udocker and PRoot too."""
+    return subprocess.Popen(argv, start_new_session=True, **kw)
+
+
+def kill_group(*procs: subprocess.Popen) -> None:
+    """SIGKILL what a test started and still runs (use in ``finally``), and reap it."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _cmdlines_holding(secret: bytes):
+    """``pid: argv`` of every process whose command line contains ``secret``."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:         # gone meanwhile
+                continue
+            if secret in cmdline:
+                found[proc.name] = cmdline.split(b"\0")
+    return found
+
+
+def _files_holding(root: Path, secret: bytes):
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+            and secret in p.read_bytes()]
+
+
+def _others_can_read(path: Path) -> bool:
+    """Whether a user other than the owner (and not in its group) can read ``path``."""
+    if not path.stat().st_mode & 0o004:
+        return False
+    return all(d.stat().st_mode & 0o001 for d in path.parents)
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1"])
+def test_env_values_stay_off_command_lines(nonroot, udir, images, workdir, mode):
+    """``run_image(env=...)``: while the command runs, no process shows the value."""
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    for fifo in ("ready", "go"):
+        os.mkfifo(workdir / fifo)
+        nonroot.chown(workdir / fifo)
+    code = (
+        "import json, os; from datalad_udocker.run.runtime import run_image\n"
+        f"r = run_image({str(images['busybox'])!r}, ['sh', '-c', "
+        "'echo \"$TOKEN\" > ready; read x < go; echo \"got $TOKEN $PLAIN\"'], "
+        f"dataset={str(workdir)!r}, cwd={str(workdir)!r}, execmode={mode!r}, "
+        "env={'TOKEN': os.environ.pop('TEST_TOKEN'), 'PLAIN': 'visible'})\n"
+        "print(json.dumps([r.exit_code, r.stdout.decode(), r.stderr.decode()]))")
+    proc = start(
+        nonroot.command([PY, "-c", code]), cwd=str(workdir),
+        env=nonroot.env({"DATALAD_UDOCKER_DIR": str(udir), "TEST_TOKEN": secret}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # blocks until the command in the container has the value (or the run died)
+        reader = subprocess.run(["timeout", "120", "cat", str(workdir / "ready")],
+                                capture_output=True, text=True)
+        assert reader.stdout == secret + "\n", proc.poll()
+        assert _cmdlines_holding(secret.encode()) == {}
+        # files holding it meanwhile (runc's spec) are for the user's eyes only
+        held = _files_holding(udir, secret.encode())
+        assert not [p for p in held if _others_can_read(p)], held
+        (workdir / "go").write_text("go\n")
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert json.loads(out.splitlines()[-1]) == [0, f"got {secret} visible\n", ""]
+        # nor is it left on disk in the udocker directory
+        assert _files_holding(udir, secret.encode()) == []
+    finally:
+        kill_group(proc)
+
+
+def test_invalid_env_name_refused(nonroot, udir, images):
+    res = nonroot.run([PY, "-c", (
+        "from datalad_udocker.run.runtime import run_image\n"
+        f"run_image({str(images['busybox'])!r}, 'true', env={{'A=B': 'x'}})")],
+        env={"DATALAD_UDOCKER_DIR": str(udir)}, check=False)
+    assert res.returncode != 0
+    assert "invalid environment variable name 'A=B'" in res.stderr.splitlines()[-1]
+
+
 # --- the container cache --------------------------------------------------------------------
 def test_second_run_reuses_container(nonroot, udir, images):
     first = run_cli(nonroot, udir, images["busybox"], "sh", "-c", "touch /run-marker")
@@ -193,9 +282,14 @@ def test_concurrent_first_runs_create_once(nonroot, udir, images):
     env = nonroot.env({"DATALAD_UDOCKER_DIR": str(udir)})
     argv = nonroot.command([PY, "-m", "datalad_udocker.run.cli", str(images["layers1"]),
                             "sh", "-c", "echo ok"])
-    procs = [subprocess.Popen(argv, env=env, cwd=str(nonroot.home), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    procs = []
+    try:
+        for _ in range(3):
+            procs.append(start(argv, env=env, cwd=str(nonroot.home), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True))
+        results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    finally:
+        kill_group(*procs)
     assert all(r == ("ok\n", "", 0) for r in results), results
     assert len(udocker_container_dirs(udir)) == 1
 
@@ -205,17 +299,21 @@ def test_list_and_prune(nonroot, udir, images):
     assert run_cli(nonroot, udir, images["layers1"], "true").returncode == 0
     entries = cached(nonroot, udir)
     assert {e["execmode"] for e in entries} == {"P1"} and len(entries) == 2
-    # a container in use survives a prune
-    busy = subprocess.Popen(
+    # a container in use survives a prune (it runs until we write a line to it)
+    busy = start(
         nonroot.command([PY, "-m", "datalad_udocker.run.cli", str(images["busybox"]),
-                         "sh", "-c", "echo started; sleep 4"]),
-        env=nonroot.env({"DATALAD_UDOCKER_DIR": str(udir)}), stdout=subprocess.PIPE, text=True)
-    assert busy.stdout.readline() == "started\n"
-    got = api(nonroot, udir, (
-        "import json; from datalad_udocker.run.runtime import Runtime\n"
-        "removed, busy = Runtime().prune()\n"
-        "print(json.dumps([[c.image for c in removed], [c.image for c in busy]]))"))
-    busy.wait(timeout=60)
+                         "sh", "-c", "echo started; read line; echo $line"]),
+        env=nonroot.env({"DATALAD_UDOCKER_DIR": str(udir)}), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert busy.stdout.readline() == "started\n"
+        got = api(nonroot, udir, (
+            "import json; from datalad_udocker.run.runtime import Runtime\n"
+            "removed, busy = Runtime().prune()\n"
+            "print(json.dumps([[c.image for c in removed], [c.image for c in busy]]))"))
+        assert busy.communicate("done\n", timeout=60)[0] == "done\n"
+    finally:
+        kill_group(busy)
     assert got == [[str(images["layers1"])], [str(images["busybox"])]]
     assert len(udocker_container_dirs(udir)) == 1
     assert len(list((udir / "repos").rglob("TAG"))) == 1

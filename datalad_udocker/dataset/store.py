@@ -68,6 +68,8 @@ def store_image(ds, image, path=None, name=None, jobs=4):
     if relpath == "." or relpath.startswith(".git/") or relpath == ".git":
         raise UdockerError("cannot store an image at %s; give a directory "
                            "inside the dataset" % layout_dir)
+    from ..callformat import check_image_path   # what containers-run can pass
+    check_image_path(relpath)
     if not hasattr(ds.repo, "call_annex"):
         raise UdockerError("dataset %s has no git-annex; create it with "
                            "`datalad create` (without --no-annex)" % ds.path)

@@ -1,11 +1,20 @@
 """Command line entry point that runs an imported image: the containers-run adapter.
 
 ``datalad containers-run`` calls it through the call format the import
-command registers (``datalad.containers.<name>.cmdexec``)::
+command registers (``datalad.containers.<name>.cmdexec``, see
+:data:`..config.CMDEXEC`)::
 
-    {python} -m datalad_udocker.run.cli --dataset {img_dspath} {img} {cmd}
+    datalad-udocker-run -d '{img_dspath}' '{img}' {cmd}
 
-and users can call it directly (console script ``datalad-udocker-run``)::
+so a run record names the console script and relative paths, never one
+user's interpreter: anyone with datalad-udocker installed can rerun it.
+Datasets made by 0.1 record ``{python} -m datalad_udocker.runtime_cli ...``,
+which still works (that module forwards here).  When DataLad loads this
+extension (``containers-run``, ``import datalad.api``) and the console
+script is not on PATH (a venv called by absolute path, not activated), the
+directory holding it is appended to PATH (:mod:`..callformat`).
+
+Users can call it directly::
 
     datalad-udocker-run [--dataset DS] [--execmode P1|P2|F1|R1]
                         [--entrypoint PROG] IMAGE [CMD ...]
@@ -23,12 +32,11 @@ import argparse
 import logging
 import sys
 
+from ..callformat import RUNNER as PROG
 from ..errors import UdockerError
 
 EXIT_NOT_FOUND = 127
 EXIT_FAILED = 125
-PROG = "datalad-udocker-run"
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(

@@ -32,6 +32,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -50,6 +51,7 @@ __all__ = ["run_image", "RunResult", "Runtime", "CachedContainer",
            "CommandNotFound", "plan_mounts"]
 
 NAME_PREFIX = "dlu-"
+_ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass
@@ -333,13 +335,20 @@ class Runtime:
         ``dataset`` (a path) is bind-mounted at its own path and the
         command runs in ``cwd`` (default: the current directory) if that is
         inside it, else in the dataset's root; without a dataset it runs in
-        the image's WorkingDir.  ``env`` adds or overrides variables,
+        the image's WorkingDir.  ``env`` adds or overrides variables
+        (their values never appear on a command line, see
+        :meth:`.UdockerCLI.run`),
         ``entrypoint`` replaces the image's Entrypoint (``docker run
         --entrypoint``).
         With ``capture`` the output is returned, else it goes to this
         process's stdout/stderr.  Returns a RunResult; raises UdockerError
         subclasses when the command could not be started.
         """
+        bad = [k for k in (env or {}) if not _ENV_NAME.match(str(k))]
+        if bad:
+            raise RuntimeError_("invalid environment variable name %r: use "
+                                "letters, digits and _ (not first a digit)"
+                                % bad[0])
         layout = layout if isinstance(layout, OCILayout) else OCILayout(layout)
         name = container_name(layout.manifest_descriptor().digest,
                               self.execmode)
@@ -352,7 +361,6 @@ class Runtime:
                     "WorkingDir") or "/"
             opts = ["--nobanner", "--workdir=" + workdir]
             opts += ["--volume=%s:%s" % (b, b) for b in binds]
-            opts += ["--env=%s=%s" % kv for kv in sorted((env or {}).items())]
             if entrypoint:
                 opts.append("--entrypoint=" + entrypoint)
             if self.execmode == "F1":
@@ -361,10 +369,33 @@ class Runtime:
                 opts += ["--nosysdirs", "--env=FAKECHROOT_EXCLUDE_PATH=" +
                          ":".join(["/dev", "/proc", "/sys", "/etc/resolv.conf",
                                    "/etc/host.conf"] + binds)]
-            code, out, err = self.udocker.run(
-                opts, entry.container_id, command,
-                find_tools(self.execmode, self.udocker_dir), capture)
+            if self.execmode == "R1":
+                # runc's spec (config.json, the env included) is written
+                # into the container directory: only the user may read it
+                os.chmod(entry.path, 0o700)
+            try:
+                code, out, err = self.udocker.run(
+                    opts, entry.container_id, command,
+                    find_tools(self.execmode, self.udocker_dir), capture, env)
+            finally:
+                if self.execmode == "R1":
+                    _drop_runc_spec(fd, entry.path)
             return RunResult(code, out, err)
+
+
+def _drop_runc_spec(fd, container_path):
+    """Remove runc's spec (it holds the run's env values) unless another run
+    of this container is using it; the last one to finish removes it.
+
+    udocker writes a new spec for every run.  ``fd`` is the container's lock,
+    held shared by every run.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(container_path, "config.json"))
 
 
 def plan_mounts(dataset, cwd=None):

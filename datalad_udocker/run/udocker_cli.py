@@ -8,13 +8,20 @@ CLI and its on-disk layout are the contract.  Every call here
   ``u.conf`` from its working directory: only ours may be there);
 * sets ``UDOCKER_DIR`` and ``UDOCKER_TARBALL=""`` (never download tools) and
   points udocker at the host tools (:mod:`.tools`);
-* collects udocker's own messages apart, so none reach the user's terminal.
+* collects udocker's own messages apart, so none reach the user's terminal;
+* can take options that must not appear on any command line (``hidden``:
+  the user's ``--env=NAME=VALUE``, which may hold secrets): they travel in
+  the environment variable :data:`HIDDEN_ARGS_VAR` (readable only by the
+  user, like the command's own environment) and the ``-c`` program below
+  splices them into udocker's ``sys.argv`` after the subcommand, so
+  ``/proc/PID/cmdline`` never holds them.
 
 :meth:`UdockerCLI.run` gives the user command the caller's stdio (or
 capture files) through the tool wrappers and returns its real exit code.
 """
 import ast
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -25,8 +32,13 @@ from pathlib import Path
 from ..errors import RuntimeError_
 from .tools import udocker_environment, write_wrappers
 
-_UDOCKER_MAIN = ("import sys; from udocker.maincmd import main; "
-                 "sys.argv[0] = 'udocker'; sys.exit(main())")
+HIDDEN_ARGS_VAR = "DATALAD_UDOCKER_HIDDEN_ARGS"
+_UDOCKER_MAIN = (
+    "import json, os, sys; from udocker.maincmd import main; "
+    "sys.argv[0] = 'udocker'; "
+    "at, hidden = json.loads(os.environ.pop(%r, '[0, []]')); "
+    "sys.argv[at:at] = hidden; "
+    "sys.exit(main())" % HIDDEN_ARGS_VAR)
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
                       r"[0-9a-f]{12}$")
 
@@ -60,18 +72,27 @@ class UdockerCLI:
         self.work_dir = Path(work_dir)
 
     def call(self, args, tool_env=None, bin_dir=None, pass_fds=(),
-             stdin=subprocess.DEVNULL):
-        """Run ``udocker -q ARGS``; returns (status, its messages as text)."""
+             stdin=subprocess.DEVNULL, hidden=()):
+        """Run ``udocker -q ARGS``; returns (status, its messages as text).
+
+        ``hidden`` options go after the subcommand ``ARGS[0]`` without
+        appearing on the command line (see the module doc).
+        """
         self.work_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-c", _UDOCKER_MAIN, "-q"]
         if os.geteuid() == 0:
             argv.append("--allow-root")
+        env = udocker_environment(self.udocker_dir, tool_env or {}, bin_dir)
+        env.pop(HIDDEN_ARGS_VAR, None)
+        if hidden:
+            # sys.argv of `python -c`: ['-c', '-q', ..., SUBCOMMAND, ...]
+            at = len(argv) - 2 + 1
+            env[HIDDEN_ARGS_VAR] = json.dumps([at, list(hidden)])
         with tempfile.TemporaryFile(dir=self.work_dir) as messages:
             proc = subprocess.run(
                 argv + list(args), cwd=self.work_dir, stdin=stdin,
                 stdout=messages, stderr=subprocess.STDOUT, pass_fds=pass_fds,
-                env=udocker_environment(self.udocker_dir, tool_env or {},
-                                        bin_dir))
+                env=env)
             messages.seek(0)
             return proc.returncode, messages.read().decode(errors="replace")
 
@@ -104,10 +125,11 @@ class UdockerCLI:
         rc, _ = self.call(["rm", "-f", container])
         return rc == 0
 
-    def run(self, run_args, container, command, tools, capture):
+    def run(self, run_args, container, command, tools, capture, env=None):
         """``udocker run RUN_ARGS CONTAINER COMMAND...``.
 
-        Returns ``(exit code, stdout, stderr)`` of the command, the outputs
+        ``env`` (a dict) sets variables in the container, their values kept
+        off every command line.  Returns ``(exit code, stdout, stderr)`` of the command, the outputs
         as bytes when ``capture`` (else None: they went to our stdout and
         stderr).  Raises CommandNotFound or RuntimeError_ when udocker did
         not start the command.
@@ -131,7 +153,9 @@ class UdockerCLI:
             rc, messages = self.call(
                 ["run"] + list(run_args) + [container] + list(command),
                 tool_env, bin_dir=tmp / "bin", pass_fds=fds,
-                stdin=subprocess.DEVNULL if capture else None)
+                stdin=subprocess.DEVNULL if capture else None,
+                hidden=["--env=%s=%s" % kv for kv in sorted(
+                    (env or {}).items())])
             for f in files:      # the children moved the shared offsets
                 f.seek(0)
             status = files[2].read().decode().split()
