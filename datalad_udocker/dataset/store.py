@@ -291,15 +291,9 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged):
                       scope="branch", reload=False)
         ds.config.set("datalad.containers.%s.cmdexec" % name, config.CMDEXEC,
                       scope="branch", reload=True)
-        res = ds.save(path=[str(layout_dir), str(Path(ds.path) / ".datalad" / "config")],
-                      message="[DATALAD] udocker-import %s\n\nmanifest %s"
-                      % (image.description, image.manifest.digest),
-                      result_renderer="disabled", on_failure="ignore",
-                      return_type="list")
-        failed = [r for r in res if r.get("status") not in ("ok", "notneeded")]
-        if failed:
-            raise UdockerError("datalad save failed: %s" % annex.one_line(
-                failed[0].get("message") or failed[0].get("status")))
+        _save(ds, [layout_dir, Path(ds.path) / ".datalad" / "config"],
+              "[DATALAD] udocker-import %s\n\nmanifest %s"
+              % (image.description, image.manifest.digest))
     except BaseException:
         try:
             journal.undo(ds.path)
@@ -309,6 +303,22 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged):
         ds.config.reload(force=True)
         raise
     journal.finish()
+
+
+def _save(ds, paths, message):
+    """``datalad save`` of ``paths``; any failure -> one-line UdockerError."""
+    try:
+        res = ds.save(path=[str(p) for p in paths], message=message,
+                      result_renderer="disabled", on_failure="ignore",
+                      return_type="list")
+    except CommandError as exc:     # e.g. a failing git commit (hook)
+        detail = (exc.stderr or "").strip().splitlines()
+        raise UdockerError("datalad save failed: %s" % annex.one_line(
+            detail[-1] if detail else exc)) from None
+    failed = [r for r in res if r.get("status") not in ("ok", "notneeded")]
+    if failed:
+        raise UdockerError("datalad save failed: %s" % annex.one_line(
+            failed[0].get("message") or failed[0].get("status")))
 
 
 def _register_urls(ds, image, keys):
