@@ -256,8 +256,8 @@ def test_cli_error_is_one_line_and_nonzero(ds, registry):
 
 # --- failures inside the commit step, after it has written something ---------------
 
-def shim(tmp_path, monkeypatch, program, condition, action):
-    """Put a ``program`` wrapper first on PATH: runs ``action`` when the shell ``condition``
+def shim_path(tmp_path, program, condition, action) -> str:
+    """A PATH with a ``program`` wrapper first: it runs ``action`` when the shell ``condition``
     holds for its arguments, else execs the real program."""
     real = shutil.which(program)
     assert real, f"{program} not installed"
@@ -266,7 +266,12 @@ def shim(tmp_path, monkeypatch, program, condition, action):
     script = d / program
     script.write_text(f'#!/bin/sh\nif {condition}; then {action}; fi\nexec {real} "$@"\n')
     script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ['PATH']}")
+    return f"{d}{os.pathsep}{os.environ['PATH']}"
+
+
+def shim(tmp_path, monkeypatch, program, condition, action):
+    """``shim_path`` for this test's process."""
+    monkeypatch.setenv("PATH", shim_path(tmp_path, program, condition, action))
 
 
 def git_hook(ds_path, name, body):
