@@ -132,3 +132,27 @@ def test_sigkill_in_commit_step_then_rerun_succeeds(ds, registry, tmp_path):
     assert res["status"] == "ok", res
     assert_valid_layout(ds.path, res["path"])
     assert_clean(ds.path)
+
+
+def test_sigkill_after_the_commit_keeps_the_import(ds, registry, tmp_path):
+    """Killed after its commit was made (in a post-commit hook), before it forgot its journal:
+    the next import must keep that commit, not roll it back."""
+    pushed = registry.images["test/single:1"]
+    mark = tmp_path / "committed"
+    git_hook(ds.path, "post-commit", f"touch {mark}; exec sleep 300")
+    proc = start_import(ds, pushed.reference, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not mark.exists():
+            assert time.time() < deadline and proc.poll() is None, "never committed"
+            time.sleep(0.1)
+    finally:
+        kill_hard(proc)
+    (Path(ds.path) / ".git/hooks/post-commit").unlink()
+    head = git(ds.path, "rev-parse", "HEAD")
+    assert (Path(ds.path) / ".git/datalad-udocker/journal.json").exists()
+    res = imp(ds, pushed.reference)
+    assert res["status"] == "notneeded", res
+    assert git(ds.path, "rev-parse", "HEAD") == head
+    assert_valid_layout(ds.path, res["path"])
+    assert_clean(ds.path)

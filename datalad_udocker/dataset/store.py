@@ -79,33 +79,34 @@ def store_image(ds, image, path=None, name=None, jobs=4):
     keys = {l.descriptor.digest: annex_key(l.descriptor.digest, l.descriptor.size)
             for l in image.layers}
     unique = {l.descriptor.digest: l for l in image.layers}
+    staging = None
     try:
         # 1. under the lock: recover what killed imports left, check, plan
         with DatasetLock(ds):
             _recover(ds)
+            staging = Staging(ds)
+            staging.adopt_dead({l.descriptor.hex for l in unique.values()})
             if _check_target(ds, layout_dir, image, name, relpath):
                 return _notneeded(outcome, image)
             present = annex.keys_present(ds.path, (keys[d] for d in unique))
-            missing = [l for d, l in unique.items() if keys[d] not in present]
-            staging = Staging(ds)
-            staging.adopt_dead({l.descriptor.hex for l in missing})
+        missing = [l for d, l in unique.items() if keys[d] not in present]
         outcome.downloaded = [l.descriptor.digest for l in missing]
         outcome.reused = [d for d in unique if d not in outcome.downloaded]
-        try:
-            # 2. without it: downloads, into this import's own staging dir
-            staged = _download_missing(missing, staging.path, jobs,
-                                       image.description)
-            # 3. under the lock again: what changed meanwhile, then commit
-            with DatasetLock(ds):
-                _recover(ds)
-                if _check_target(ds, layout_dir, image, name, relpath):
-                    return _notneeded(outcome, image)
-                _commit(ds, image, layout_dir, relpath, name, keys, staged)
-        finally:
-            staging.remove()
+        # 2. without it: downloads, into this import's own staging dir
+        staged = _download_missing(missing, staging.path, jobs,
+                                   image.description)
+        # 3. under the lock again: what changed meanwhile, then commit
+        with DatasetLock(ds):
+            _recover(ds)
+            if _check_target(ds, layout_dir, image, name, relpath):
+                return _notneeded(outcome, image)
+            _commit(ds, image, layout_dir, relpath, name, keys, staged)
     except (subprocess.CalledProcessError, CommandError, OSError) as exc:
         raise UdockerError("import into %s failed: %s" % (
             ds.path, annex.one_line(exc))) from None
+    finally:
+        if staging is not None:
+            staging.remove()
     outcome.message = "stored %s: %d layer(s) downloaded, %d reused" % (
         image.description, len(outcome.downloaded), len(outcome.reused))
     return outcome
