@@ -317,3 +317,31 @@ def test_failure_inside_commit_step_rolls_back(ds, registry, tmp_path, monkeypat
     assert res["status"] == "ok", res
     assert_valid_layout(ds.path, res["path"])
     assert res["layers_reused"] == [shared.layers[0].digest]
+
+
+def test_failed_update_of_an_image_rolls_back(ds, registry, tmp_path, monkeypatch):
+    """A newer tag into the same path fails in the commit step: the committed older image is
+    left exactly as it was (its layout restored from HEAD, none of its keys dropped)."""
+    res = imp(ds, registry.images["test/multi:1"].reference)
+    assert res["status"] == "ok", res
+    shim(tmp_path, monkeypatch, "git-annex", '[ "$1" = registerurl ]', FAIL)
+    assert_fails_cleanly(ds, registry.images["test/multi:2"].reference,
+                         "git annex registerurl failed")
+    assert_valid_layout(ds.path, res["path"])
+
+
+def test_rollback_keeps_a_layer_that_head_refers_to(ds, registry, tmp_path, monkeypatch):
+    """In a clone without layer content, a failed import that fetched a layer HEAD refers to
+    (through another image) keeps it: a rollback never drops what a commit points to."""
+    res = imp(ds, registry.images["test/single:1"].reference)
+    assert res["status"] == "ok", res
+    clone = dl.clone(ds.path, tmp_path / "clone", result_renderer="disabled")
+    shared = registry.images["test/shared:1"]
+    base = shared.layers[0].annex_key
+    assert base not in dataset_state(clone.path)["objects"]
+    shim(tmp_path, monkeypatch, "git-annex", '[ "$1" = registerurl ]', FAIL)
+    res = imp(clone, shared.reference, name="shared")
+    assert res["status"] == "error" and "registerurl" in res["message"], res
+    state = dataset_state(clone.path)
+    assert base in state["objects"] and shared.layers[1].annex_key not in state["objects"]
+    assert state["status"] == "" and state["annex_tmp"] == []
