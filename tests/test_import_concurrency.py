@@ -59,7 +59,13 @@ def test_two_imports_at_once_share_a_base_layer(ds, registry):
     git_hook(ds.path, "pre-commit", "sleep 5")
     single, shared = registry.images["test/single:1"], registry.images["test/shared:1"]
     procs = [start_import(ds, p.reference) for p in (single, shared)]
-    results = [finish(p) for p in procs]
+    try:
+        results = [finish(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     for rc, out, err in results:
         assert rc == 0 and "Traceback" not in err, (out, err)
     assert_clean(ds.path)
@@ -156,3 +162,26 @@ def test_sigkill_after_the_commit_keeps_the_import(ds, registry, tmp_path):
     assert git(ds.path, "rev-parse", "HEAD") == head
     assert_valid_layout(ds.path, res["path"])
     assert_clean(ds.path)
+
+
+def test_sigkill_during_git_commit_then_rerun_succeeds(ds, registry, tmp_path):
+    """Killed, git included, while `git commit` runs its pre-commit hook: git leaves its
+    index.lock behind; the next import must still complete on its own."""
+    pushed = registry.images["test/single:1"]
+    mark = tmp_path / "committing"
+    git_hook(ds.path, "pre-commit", f"touch {mark}; exec sleep 300")
+    proc = start_import(ds, pushed.reference, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not mark.exists():
+            assert time.time() < deadline and proc.poll() is None, "never committed"
+            time.sleep(0.1)
+    finally:
+        kill_hard(proc)
+    (Path(ds.path) / ".git/hooks/pre-commit").unlink()
+    assert (Path(ds.path) / ".git/index.lock").exists()     # what the killed git left
+    res = imp(ds, pushed.reference)
+    assert res["status"] == "ok", res
+    assert_valid_layout(ds.path, res["path"])
+    assert_clean(ds.path)
+    assert not list((Path(ds.path) / ".git").glob("*index*.lock"))

@@ -169,6 +169,21 @@ class Journal:
     def finish(self):
         self.path.unlink()
 
+    def remove_stale_git_locks(self, ds):
+        """Remove ``index.lock`` files git left when it was killed with the
+        journal's import: created after the journal (so during that import's
+        commit step) and with no git process at work in the dataset."""
+        dot_git = Path(ds.repo.dot_git)
+        since = self.path.stat().st_mtime
+        stale = [p for p in [dot_git / "index.lock"] + list(dot_git.glob("next-index-*.lock"))
+                 if p.exists() and p.stat().st_mtime >= since]
+        if not stale or _git_running_in(ds.path):
+            return
+        for p in stale:
+            lgr.warning("removing %s, left by git killed with the interrupted "
+                        "import", p)
+            p.unlink()
+
     def undo(self, ds_path):
         """Put back what the journal's step changed; then forget the journal.
 
@@ -208,6 +223,27 @@ class Journal:
                     if key not in referenced:
                         annex.drop_key(ds_path, key)
         self.finish()
+
+
+def _git_running_in(path):
+    """Is any git process (that we may inspect) working in ``path``?  True
+    where this cannot be told (no /proc)."""
+    root = os.path.realpath(path)
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return True
+    for pid in pids:
+        try:
+            with open("/proc/%s/comm" % pid) as f:
+                if not f.read().startswith("git"):
+                    continue
+            cwd = os.readlink("/proc/%s/cwd" % pid)
+        except OSError:
+            continue        # gone, or another user's
+        if cwd == root or cwd.startswith(root + os.sep):
+            return True
+    return False
 
 
 def _head(ds_path):

@@ -126,6 +126,7 @@ def _recover(ds):
         return
     lgr.warning("an earlier import into %s was interrupted in its commit step; "
                 "undoing what it left", ds.path)
+    journal.remove_stale_git_locks(ds)
     journal.undo(ds.path)
     ds.config.reload(force=True)
 
