@@ -1,4 +1,6 @@
-"""The few git-annex plumbing calls the store makes, and nothing else.
+"""The few git and git-annex plumbing calls the store makes, and nothing else.
+
+Every failure is a one-line UdockerError, never a CalledProcessError.
 
 Each call runs ``git annex`` in the dataset with this Python environment's
 script directory on PATH, so git-annex finds ``git-annex-remote-udocker``
