@@ -49,13 +49,18 @@ def assert_valid_layout(ds_path, layout, require_content=True):
 
 
 def dataset_state(ds_path) -> dict:
-    """Everything an import could change: HEAD, worktree status, annex objects, config."""
+    """Everything an import could change: HEAD, index, worktree status, annex objects, config,
+    and the files under ``.git/annex/tmp`` (staging) with their sizes."""
     ds_path = Path(ds_path)
     objects = ds_path / ".git" / "annex" / "objects"
+    tmp = ds_path / ".git" / "annex" / "tmp"
     cfg = ds_path / ".datalad" / "config"
     return {
         "head": git(ds_path, "rev-parse", "HEAD").strip(),
+        "index": git(ds_path, "ls-files", "--stage"),
         "status": git(ds_path, "status", "--porcelain", "--untracked-files=all"),
+        "annex_tmp": sorted((str(p.relative_to(tmp)), p.stat().st_size if p.is_file() else None)
+                            for p in tmp.rglob("*")) if tmp.exists() else [],
         "objects": sorted(p.name for p in objects.rglob("SHA256*") if p.is_file())
         if objects.exists() else [],
         "config": cfg.read_text() if cfg.exists() else None,

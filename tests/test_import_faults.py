@@ -4,6 +4,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -198,22 +200,47 @@ def test_registry_gone_mid_transfer(ds, registry, fault_proxy):
     assert_fails_cleanly(ds, proxied(fault_proxy, pushed), "503")
 
 
+def staged_bytes(ds_path) -> int:
+    """Bytes of layer files in import staging dirs under .git/annex/tmp."""
+    return sum(p.stat().st_size
+               for p in (Path(ds_path) / ".git/annex/tmp").glob("datalad-udocker-*/*")
+               if p.is_file() and p.name != "owner")
+
+
+def hold_layer_download(fault_proxy, layer, after_bytes=100_000, retry_after=30):
+    """The layer's first GET is cut after ``after_bytes``; every resume attempt then gets
+    429 with ``Retry-After``, so the import waits with a partial file in staging."""
+    fault_proxy.drop_after(after_bytes, times=1, path=layer)
+    fault_proxy.rate_limit(times=None, retry_after=retry_after, path=layer)
+
+
+def wait_until_held(fault_proxy, ds_path, layer, proc, min_bytes=1):
+    """Until the held layer got its 429 and staging has bytes (the import is mid-layer)."""
+    deadline = time.time() + 60
+    while not (any(r.status == 429 for r in fault_proxy.seen(path=layer))
+               and staged_bytes(ds_path) >= min_bytes):
+        assert time.time() < deadline and proc.poll() is None, "import never got mid-layer"
+        time.sleep(0.1)
+
+
 def test_interrupt_leaves_dataset_untouched(ds, registry, fault_proxy):
-    """Ctrl-C (SIGINT) in the middle of an import, from the command line."""
-    pushed = registry.images["test/multi:1"]
-    fault_proxy.rate_limit(times=None, retry_after=20)
+    """Ctrl-C (SIGINT) in the middle of a layer download, from the command line."""
+    pushed = registry.images["test/single:1"]
+    layer = pushed.layers[0].digest
+    hold_layer_download(fault_proxy, layer)
     before = dataset_state(ds.path)
     proc = subprocess.Popen(["datalad", "udocker-import", proxied(fault_proxy, pushed)],
                             cwd=ds.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not any(r.status == 429 for r in fault_proxy.requests):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=15)
+    try:
+        wait_until_held(fault_proxy, ds.path, layer, proc, min_bytes=50_000)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode != 0
     assert dataset_state(ds.path) == before
-    assert not list((Path(ds.path) / ".git/annex/tmp").glob("datalad-udocker-*"))
 
 
 def test_cli_error_is_one_line_and_nonzero(ds, registry):
@@ -225,3 +252,96 @@ def test_cli_error_is_one_line_and_nonzero(ds, registry):
     assert len(lines) == 1 and "not found" in lines[0] and "check the image name" in lines[0]
     assert "Traceback" not in proc.stderr
     assert dataset_state(ds.path) == before
+
+
+# --- failures inside the commit step, after it has written something ---------------
+
+def shim_path(tmp_path, program, condition, action) -> str:
+    """A PATH with a ``program`` wrapper first: it runs ``action`` when the shell ``condition``
+    holds for its arguments, else execs the real program."""
+    real = shutil.which(program)
+    assert real, f"{program} not installed"
+    d = tmp_path / "shim"
+    d.mkdir(exist_ok=True)
+    script = d / program
+    script.write_text(f'#!/bin/sh\nif {condition}; then {action}; fi\nexec {real} "$@"\n')
+    script.chmod(0o755)
+    return f"{d}{os.pathsep}{os.environ['PATH']}"
+
+
+def shim(tmp_path, monkeypatch, program, condition, action):
+    """``shim_path`` for this test's process."""
+    monkeypatch.setenv("PATH", shim_path(tmp_path, program, condition, action))
+
+
+def git_hook(ds_path, name, body):
+    hook = Path(ds_path) / ".git" / "hooks" / name
+    hook.parent.mkdir(exist_ok=True)
+    hook.write_text("#!/bin/sh\n" + body + "\n")
+    hook.chmod(0o755)
+
+
+FAIL = 'echo "injected failure" >&2; exit 1'
+
+
+@pytest.mark.parametrize("where,expect", [
+    ("registerurl", "git annex registerurl failed"),
+    ("setpresentkey", "git annex setpresentkey failed"),
+    ("git add", "git add failed"),
+    ("save", "datalad save failed"),
+])
+def test_failure_inside_commit_step_rolls_back(ds, registry, tmp_path, monkeypatch, where,
+                                               expect):
+    """The new image's base layer is in the annex already but no file of HEAD points to it
+    any more (an image that was removed): the rollback must drop only the layer it added,
+    and put back index, worktree, .datalad/config and .git/annex/tmp."""
+    res = imp(ds, registry.images["test/single:1"].reference, path=str(Path(ds.path) / "old"))
+    assert res["status"] == "ok", res
+    git(ds.path, "rm", "-rq", "old")
+    git(ds.path, "commit", "-qm", "remove the old image")
+    shared = registry.images["test/shared:1"]
+    if where in ("registerurl", "setpresentkey"):     # after setkey/fromkey wrote
+        shim(tmp_path, monkeypatch, "git-annex", f'[ "$1" = {where} ]', FAIL)
+    elif where == "git add":                          # after the annex calls wrote
+        shim(tmp_path, monkeypatch, "git", '[ "$1" = add ] && [ "$2" = -- ]', FAIL)
+    else:                                             # after git add and config changes
+        git_hook(ds.path, "pre-commit", FAIL)
+    state = dataset_state(ds.path)
+    assert_fails_cleanly(ds, shared.reference, expect, name="shared")
+    assert shared.layers[0].annex_key in state["objects"]      # still there: shared layer
+    assert shared.layers[1].annex_key not in state["objects"]
+    # and the rollback leaves nothing that stops the next import
+    monkeypatch.undo()
+    (Path(ds.path) / ".git/hooks/pre-commit").unlink(missing_ok=True)
+    res = imp(ds, shared.reference, name="shared")
+    assert res["status"] == "ok", res
+    assert_valid_layout(ds.path, res["path"])
+    assert res["layers_reused"] == [shared.layers[0].digest]
+
+
+def test_failed_update_of_an_image_rolls_back(ds, registry, tmp_path, monkeypatch):
+    """A newer tag into the same path fails in the commit step: the committed older image is
+    left exactly as it was (its layout restored from HEAD, none of its keys dropped)."""
+    res = imp(ds, registry.images["test/multi:1"].reference)
+    assert res["status"] == "ok", res
+    shim(tmp_path, monkeypatch, "git-annex", '[ "$1" = registerurl ]', FAIL)
+    assert_fails_cleanly(ds, registry.images["test/multi:2"].reference,
+                         "git annex registerurl failed")
+    assert_valid_layout(ds.path, res["path"])
+
+
+def test_rollback_keeps_a_layer_that_head_refers_to(ds, registry, tmp_path, monkeypatch):
+    """In a clone without layer content, a failed import that fetched a layer HEAD refers to
+    (through another image) keeps it: a rollback never drops what a commit points to."""
+    res = imp(ds, registry.images["test/single:1"].reference)
+    assert res["status"] == "ok", res
+    clone = dl.clone(ds.path, tmp_path / "clone", result_renderer="disabled")
+    shared = registry.images["test/shared:1"]
+    base = shared.layers[0].annex_key
+    assert base not in dataset_state(clone.path)["objects"]
+    shim(tmp_path, monkeypatch, "git-annex", '[ "$1" = registerurl ]', FAIL)
+    res = imp(clone, shared.reference, name="shared")
+    assert res["status"] == "error" and "registerurl" in res["message"], res
+    state = dataset_state(clone.path)
+    assert base in state["objects"] and shared.layers[1].annex_key not in state["objects"]
+    assert state["status"] == "" and state["annex_tmp"] == []

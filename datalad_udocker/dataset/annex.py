@@ -1,4 +1,6 @@
-"""The few git-annex plumbing calls the store makes, and nothing else.
+"""The few git and git-annex plumbing calls the store makes, and nothing else.
+
+Every failure is a one-line UdockerError, never a CalledProcessError.
 
 Each call runs ``git annex`` in the dataset with this Python environment's
 script directory on PATH, so git-annex finds ``git-annex-remote-udocker``
@@ -24,6 +26,24 @@ def script_env(env=None):
     return env
 
 
+def one_line(text, limit=300):
+    """``text`` (a subprocess's stderr, an exception) squeezed onto one line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def git(repo_path, *args, input=None):
+    """Run ``git ARGS`` in ``repo_path``; return stdout, or raise a one-line UdockerError."""
+    proc = subprocess.run(["git"] + list(args), cwd=repo_path, text=True,
+                          input=input, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise UdockerError("git %s failed: %s" % (args[0], one_line(
+            detail[-1] if detail else "exit %d" % proc.returncode)))
+    return proc.stdout
+
+
 def annex(repo_path, *args, batch=None, config=()):
     """Run ``git [-c k=v ...] annex ARGS`` and return its stdout.
 
@@ -43,7 +63,7 @@ def annex(repo_path, *args, batch=None, config=()):
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         raise UdockerError("git annex %s failed: %s" % (
-            args[0], detail[-1] if detail else "exit %d" % proc.returncode))
+            args[0], one_line(detail[-1] if detail else "exit %d" % proc.returncode)))
     return proc.stdout
 
 
@@ -65,9 +85,17 @@ def keys_present(repo_path, keys):
     return {k for k, loc in zip(keys, out) if loc.strip()}
 
 
+def keys_in_tree(repo_path, treeish="HEAD"):
+    """Every annex key that a file of ``treeish`` points to (present or not)."""
+    out = annex(repo_path, "find", "--branch=" + treeish, "--include=*",
+                "--format=${key}\\n")
+    return set(out.split())
+
+
 def drop_key(repo_path, key):
-    subprocess.run(["git", "annex", "dropkey", "--force", key], cwd=repo_path,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Remove ``key``'s content from the local annex (the caller checked
+    that nothing committed refers to it)."""
+    annex(repo_path, "dropkey", "--force", key)
 
 
 def remote_uuid(repo_path, name):

@@ -3,7 +3,7 @@
 This is where a layer byte goes (read top to bottom):
 
 1. ``_download_missing``: each layer not yet in the local annex is fetched by
-   its source (registry, archive) into a staging file under
+   its source (registry, archive) into this import's staging dir under
    ``.git/annex/tmp``, hashed on the fly; a wrong digest never gets further.
 2. ``_commit``: only when every layer is verified does the dataset change:
    each staged file becomes the content of the git-annex key
@@ -13,25 +13,29 @@ This is where a layer byte goes (read top to bottom):
    marked as having it), the JSON goes to git, datalad-container learns the
    image, and one ``datalad save`` records it all.
 
-Any failure or interrupt before the save leaves the dataset as it was.
+Imports into one dataset take turns on a lock (see ``recovery``): the checks
+and the commit step hold it, downloads do not.  A failure or interrupt in the
+commit step is rolled back from its journal, which removes only keys that
+step added and no commit refers to; an import killed there is rolled back by
+the next one, which also resumes the killed one's partial downloads.
 """
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
 from datalad.log import log_progress
+from datalad.runner.exception import CommandError
 
 from . import annex
 from .. import config
 from ..digest import annex_key
 from ..errors import UdockerError
 from .layout import OCILayout, write_json_files
+from .recovery import DatasetLock, Journal, Staging
 
 lgr = logging.getLogger("datalad.udocker.store")
 
@@ -73,34 +77,60 @@ def store_image(ds, image, path=None, name=None, jobs=4):
     if not hasattr(ds.repo, "call_annex"):
         raise UdockerError("dataset %s has no git-annex; create it with "
                            "`datalad create` (without --no-annex)" % ds.path)
-    _check_container_name(ds, name, relpath)
     outcome = StoreOutcome("ok", str(layout_dir), name, image.manifest.digest)
-    if _already_stored(ds, layout_dir, image, name, relpath):
-        outcome.status = "notneeded"
-        outcome.message = "image %s already stored (manifest %s)" % (
-            image.description, image.manifest.digest)
-        return outcome
-    _check_clean(ds, layout_dir)
-
     keys = {l.descriptor.digest: annex_key(l.descriptor.digest, l.descriptor.size)
             for l in image.layers}
     unique = {l.descriptor.digest: l for l in image.layers}
-    present = annex.keys_present(ds.path, (keys[d] for d in unique))
-    missing = [l for d, l in unique.items() if keys[d] not in present]
-    outcome.downloaded = [l.descriptor.digest for l in missing]
-    outcome.reused = [d for d in unique if d not in outcome.downloaded]
-
-    tmp_root = Path(ds.repo.dot_git) / "annex" / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="datalad-udocker-", dir=tmp_root))
+    staging = None
     try:
-        staged = _download_missing(missing, staging, jobs, image.description)
-        _commit(ds, image, layout_dir, relpath, name, keys, staged)
+        # 1. under the lock: recover what killed imports left, check, plan
+        with DatasetLock(ds):
+            _recover(ds)
+            staging = Staging(ds)
+            staging.adopt_dead({l.descriptor.hex for l in unique.values()})
+            if _check_target(ds, layout_dir, image, name, relpath):
+                return _notneeded(outcome, image)
+            present = annex.keys_present(ds.path, (keys[d] for d in unique))
+        missing = [l for d, l in unique.items() if keys[d] not in present]
+        outcome.downloaded = [l.descriptor.digest for l in missing]
+        outcome.reused = [d for d in unique if d not in outcome.downloaded]
+        # 2. without it: downloads, into this import's own staging dir
+        staged = _download_missing(missing, staging.path, jobs,
+                                   image.description)
+        # 3. under the lock again: what changed meanwhile, then commit
+        with DatasetLock(ds):
+            _recover(ds)
+            if _check_target(ds, layout_dir, image, name, relpath):
+                return _notneeded(outcome, image)
+            _commit(ds, image, layout_dir, relpath, name, keys, staged)
+    except (subprocess.CalledProcessError, CommandError, OSError) as exc:
+        raise UdockerError("import into %s failed: %s" % (
+            ds.path, annex.one_line(exc))) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            staging.remove()
     outcome.message = "stored %s: %d layer(s) downloaded, %d reused" % (
         image.description, len(outcome.downloaded), len(outcome.reused))
     return outcome
+
+
+def _notneeded(outcome, image):
+    outcome.status = "notneeded"
+    outcome.message = "image %s already stored (manifest %s)" % (
+        image.description, image.manifest.digest)
+    return outcome
+
+
+def _recover(ds):
+    """Undo the commit step of an import that was killed (lock held)."""
+    journal = Journal.left_behind(ds)
+    if journal is None:
+        return
+    lgr.warning("an earlier import into %s was interrupted in its commit step; "
+                "undoing what it left", ds.path)
+    journal.remove_stale_git_locks(ds)
+    journal.undo(ds.path)
+    ds.config.reload(force=True)
 
 
 # --- checks -------------------------------------------------------------
@@ -116,6 +146,15 @@ def _check_container_name(ds, name, relpath):
         raise UdockerError(
             "a container named %r is already registered for %s; choose "
             "another name with -n NAME or import to that path" % (name, existing))
+
+
+def _check_target(ds, layout_dir, image, name, relpath):
+    """Raise if the import cannot go to ``layout_dir``; True if it is there."""
+    _check_container_name(ds, name, relpath)
+    if _already_stored(ds, layout_dir, image, name, relpath):
+        return True
+    _check_clean(ds, layout_dir)
+    return False
 
 
 def _already_stored(ds, layout_dir, image, name, relpath):
@@ -211,13 +250,23 @@ def _download_missing(layers, staging, jobs, description):
 # --- step 2: commit ------------------------------------------------------
 
 def _commit(ds, image, layout_dir, relpath, name, keys, staged):
-    backup = _Backup(ds, layout_dir)
-    new_keys = []
+    """Make the dataset hold the image, in one commit; lock held.
+
+    Keys are recomputed here: another import may have added some since the
+    downloads were planned.  Only keys absent now are this step's own, and
+    only those can be dropped again by its rollback.
+    """
+    present = annex.keys_present(ds.path, set(keys.values()))
+    lost = [d for d, k in keys.items() if k not in present and d not in staged]
+    if lost:
+        raise UdockerError("layer %s was removed from the annex during the "
+                           "import; run the import again" % lost[0])
+    new = {d: f for d, f in staged.items() if keys[d] not in present}
+    journal = Journal.begin(ds, relpath, [keys[d] for d in new])
     try:
         # layer contents into the annex, under their digest keys
-        for digest, tmpfile in staged.items():
+        for digest, tmpfile in new.items():
             annex.set_key_content(ds.path, keys[digest], str(tmpfile))
-            new_keys.append(keys[digest])
         old_blobs = _layout_blob_files(layout_dir)
         written = write_json_files(layout_dir, image.manifest, image.config_raw,
                                    image.annotations)
@@ -241,25 +290,39 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged):
         if fromkey:
             annex.annex(ds.path, "fromkey", "--force", batch=fromkey)
         _register_urls(ds, image, keys)
-        subprocess.run(["git", "add", "--"] + [str(p) for p in written],
-                       cwd=ds.path, check=True, stdout=subprocess.DEVNULL)
+        annex.git(ds.path, "add", "--", *[str(p) for p in written])
         ds.config.set("datalad.containers.%s.image" % name, relpath,
                       scope="branch", reload=False)
         ds.config.set("datalad.containers.%s.cmdexec" % name, config.CMDEXEC,
                       scope="branch", reload=True)
-        res = ds.save(path=[str(layout_dir), str(Path(ds.path) / ".datalad" / "config")],
-                      message="[DATALAD] udocker-import %s\n\nmanifest %s"
-                      % (image.description, image.manifest.digest),
+        _save(ds, [layout_dir, Path(ds.path) / ".datalad" / "config"],
+              "[DATALAD] udocker-import %s\n\nmanifest %s"
+              % (image.description, image.manifest.digest))
+    except BaseException:
+        try:
+            journal.undo(ds.path)
+        except Exception as exc:      # the next import retries the undo
+            lgr.warning("could not undo the failed import yet (%s); the next "
+                        "import into %s will", annex.one_line(exc), ds.path)
+        ds.config.reload(force=True)
+        raise
+    journal.finish()
+
+
+def _save(ds, paths, message):
+    """``datalad save`` of ``paths``; any failure -> one-line UdockerError."""
+    try:
+        res = ds.save(path=[str(p) for p in paths], message=message,
                       result_renderer="disabled", on_failure="ignore",
                       return_type="list")
-        failed = [r for r in res if r.get("status") not in ("ok", "notneeded")]
-        if failed:
-            raise UdockerError("datalad save failed: %s" % failed[0].get("message"))
-    except BaseException:
-        backup.restore()
-        for key in new_keys:
-            annex.drop_key(ds.path, key)
-        raise
+    except CommandError as exc:     # e.g. a failing git commit (hook)
+        detail = (exc.stderr or "").strip().splitlines()
+        raise UdockerError("datalad save failed: %s" % annex.one_line(
+            detail[-1] if detail else exc)) from None
+    failed = [r for r in res if r.get("status") not in ("ok", "notneeded")]
+    if failed:
+        raise UdockerError("datalad save failed: %s" % annex.one_line(
+            failed[0].get("message") or failed[0].get("status")))
 
 
 def _register_urls(ds, image, keys):
@@ -278,34 +341,3 @@ def _register_urls(ds, image, keys):
 def _layout_blob_files(layout_dir):
     blobs = layout_dir / "blobs" / "sha256"
     return set(blobs.iterdir()) if blobs.is_dir() else set()
-
-
-class _Backup:
-    """Enough state to put the layout dir and .datalad/config back."""
-
-    def __init__(self, ds, layout_dir):
-        self.ds, self.layout_dir = ds, layout_dir
-        self.existed = layout_dir.exists()
-        self.cfg = Path(ds.path) / ".datalad" / "config"
-        self.cfg_bytes = self.cfg.read_bytes() if self.cfg.exists() else None
-
-    def restore(self):
-        git = ["git", "-C", self.ds.path]
-        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run(git + ["reset", "-q", "--", str(self.layout_dir)], **quiet)
-        if self.existed:
-            subprocess.run(git + ["checkout", "--", str(self.layout_dir)], **quiet)
-            subprocess.run(git + ["clean", "-fdq", "--", str(self.layout_dir)], **quiet)
-        else:
-            shutil.rmtree(self.layout_dir, ignore_errors=True)
-            try:
-                os.removedirs(self.layout_dir.parent)   # empty parents only
-            except OSError:
-                pass
-        if self.cfg_bytes is None:
-            if self.cfg.exists():
-                self.cfg.unlink()
-        else:
-            self.cfg.write_bytes(self.cfg_bytes)
-        subprocess.run(git + ["reset", "-q", "--", str(self.cfg)], **quiet)
-        self.ds.config.reload(force=True)
