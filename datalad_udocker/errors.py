@@ -65,3 +65,7 @@ class RuntimeError_(UdockerError):
 
 class ToolMissing(RuntimeError_):
     """An execution tool (proot, runc, ...) is not installed."""
+
+
+class UnsafeLayer(UdockerError):
+    """An image layer that would write outside its container when extracted."""
