@@ -180,8 +180,8 @@ class Runner:
         self.nonroot, self.as_root, self.base = nonroot, as_root, base
         self.udir = base / "udocker"
 
-    def run(self, image: Path, *cmd: str):
-        argv = [PY, "-m", "datalad_udocker.run.cli", "--execmode", "P1", str(image), *cmd]
+    def run(self, image: Path, *cmd: str, mode: str = "P1"):
+        argv = [PY, "-m", "datalad_udocker.run.cli", "--execmode", mode, str(image), *cmd]
         env = {"DATALAD_UDOCKER_DIR": str(self.udir)}
         if not self.as_root:
             return self.nonroot.run(argv, env=env, check=False)
@@ -257,6 +257,10 @@ def test_hostile_image_is_refused(hostile, runner, attack):
     before = runner.plant_victims(victim_dir)
     image = ds / ".datalad" / "environments" / attack / "image"
     res = runner.run(image, "true")
+    # nothing touched, nothing created, nothing fed
+    assert victims_state(victim_dir, runner.udir / "containers" / "victim") == before
+    assert sorted(p.name for p in (runner.udir / "containers").iterdir()) == ["victim"]
+    assert not (runner.udir / "repos").exists() or not any((runner.udir / "repos").rglob("*"))
     assert res.returncode != 0
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, res.stderr
@@ -265,10 +269,6 @@ def test_hostile_image_is_refused(hostile, runner, attack):
     assert lines[0].startswith(
         f"datalad-udocker-run: error: unsafe image: layer {digests[attack][layer]}, "
         f"member {member!r}: "), lines[0]
-    # nothing touched, nothing created, nothing fed
-    assert victims_state(victim_dir, runner.udir / "containers" / "victim") == before
-    assert sorted(p.name for p in (runner.udir / "containers").iterdir()) == ["victim"]
-    assert not (runner.udir / "repos").exists() or not any((runner.udir / "repos").rglob("*"))
     assert not (runner.udir / "datalad-udocker" / "checked").exists()
 
 
@@ -293,5 +293,12 @@ def test_legitimate_image_runs_and_looks_right(hostile, runner):
         assert not os.stat(path).st_mode & (stat.S_ISUID | stat.S_ISGID), path
     assert (root / "etc/alt").is_file() and not (root / "etc/alt").is_symlink()
     assert not os.path.lexists(root / "opq/old") and not os.path.lexists(root / "etc/gone")
-    # the stack was checked once: a second mode reuses the result (no second read needed)
-    assert (runner.udir / "datalad-udocker" / "checked").is_dir()
+    # the stack was checked once: a second execution mode reuses the result (the memos of
+    # the check and of the layers' digests are not rewritten)
+    memos = sorted((runner.udir / "datalad-udocker").glob("checked/*")) + \
+        sorted((runner.udir / "datalad-udocker").glob("verified/*"))
+    assert [p.parent.name for p in memos].count("checked") == 1
+    inodes = [os.stat(p).st_ino for p in memos]
+    res = runner.run(image, "cat", "/etc/alt", mode="P2")
+    assert (res.returncode, res.stdout) == (0, "now a file\n"), res.stderr
+    assert [os.stat(p).st_ino for p in memos] == inodes
