@@ -12,7 +12,7 @@ import io
 import os
 import shutil
 import stat
-import tarfile
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -185,7 +185,6 @@ class Runner:
         env = {"DATALAD_UDOCKER_DIR": str(self.udir)}
         if not self.as_root:
             return self.nonroot.run(argv, env=env, check=False)
-        import subprocess
         return subprocess.run(argv, env={**self.nonroot.env(env), "HOME": str(self.base)},
                               cwd=self.base, capture_output=True, text=True, timeout=300)
 

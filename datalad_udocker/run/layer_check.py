@@ -152,7 +152,8 @@ class StackChecker:
             members, expected = [], 0
             # ignore_zeros: also read past the end marker and damaged headers, and refuse
             # anything found there (GNU tar may resynchronise on it)
-            with tarfile.open(fileobj=plain, mode="r|", ignore_zeros=True) as tar:
+            with tarfile.open(fileobj=plain, mode="r|", ignore_zeros=True,
+                              bufsize=1 << 16) as tar:
                 for info in tar:
                     if info.offset != expected:
                         raise _Refused("member %r follows a damaged header or the end of the "
