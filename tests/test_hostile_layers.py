@@ -65,6 +65,7 @@ ATTACKS = {
     "block-device": ([R("tmp", "dir"), R("tmp/sda", "blk", "8:0")],),
     "device-named-dev": ([R("dev", "blk", "8:0")],),
     "whiteout-in-whiteout-dir": ([R("a/.wh.b/.wh.c")],),
+    "gnu-dumpdir": ([R("d", "dumpdir")],),
     "hardlinked-symlink-then-write": ([R("s", "symlink", "/tmp"), R("h", "hardlink", "s")],
                                       [R("h/file")]),
 }
@@ -166,7 +167,8 @@ def legit_layers() -> list:
     return [im.make_layer(base), im.make_raw_layer([
         R("etc/alt", data=b"now a file\n"), R("etc/.wh.gone"), R("opq/.wh..wh..opq"),
         R("opq/new", data=b"new\n"), R("data", "dir"), R("data/a", data=b"linked\n"),
-        R("data/b", "hardlink", "data/a"), R("bin/su", "hardlink", "bin/busybox")]),
+        R("data/b", "hardlink", "data/a"), R("bin/su", "hardlink", "bin/busybox"),
+        R("run", "dir"), R("run/initctl", "fifo")]),
         im.make_raw_layer([R("etc/alt2", "symlink", "/tmp")], "zstd"),
         im.make_raw_layer([R("./etc/.wh.alt2")], "none"),
         im.make_raw_layer([R("etc/alt2/file", data=b"in a dir\n")])]
@@ -291,6 +293,7 @@ def test_legitimate_image_runs_and_looks_right(hostile, runner):
     for path in (root / "bin/busybox", root / "shared"):
         assert not os.stat(path).st_mode & (stat.S_ISUID | stat.S_ISGID), path
     assert (root / "etc/alt").is_file() and not (root / "etc/alt").is_symlink()
+    assert stat.S_ISFIFO(os.lstat(root / "run/initctl").st_mode)      # FIFOs are allowed
     assert not os.path.lexists(root / "opq/old") and not os.path.lexists(root / "etc/gone")
     # the stack was checked once: a second execution mode reuses the result (the memos of
     # the check and of the layers' digests are not rewritten)

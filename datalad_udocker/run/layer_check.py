@@ -23,7 +23,8 @@ naming the layer and member when
   either, since udocker lists it);
 * a hardlink does not name an earlier member (a file or symlink already in the tree);
 * a member is a character or block device that udocker would create (those under ``dev/``
-  are excluded by udocker and never created);
+  are excluded by udocker and never created), or of a type other than file, directory,
+  symlink, hardlink, device or FIFO (GNU tar gives some of those a meaning of its own);
 * the tar stream is unreadable or ambiguous (data after a damaged header or after the end
   marker, which GNU tar may read differently than this parser).
 
@@ -50,6 +51,8 @@ OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
 DIR, FILE, LINK = "directory", "file", "symlink"
 _DEVICES = (tarfile.CHRTYPE, tarfile.BLKTYPE)
+_KNOWN_TYPES = tarfile.REGULAR_TYPES + _DEVICES + (tarfile.LNKTYPE, tarfile.SYMTYPE,
+                                                  tarfile.DIRTYPE, tarfile.FIFOTYPE)
 
 
 class _Node:
@@ -220,6 +223,10 @@ class StackChecker:
         parent.children.pop(target, None)   # a symlink itself is removed, not followed
 
     def _member(self, info):
+        if info.type not in _KNOWN_TYPES:
+            # e.g. GNU dumpdir ('D') or volume ('V') entries, which GNU tar interprets
+            raise _Refused("a member of type %r, never found in image layers"
+                           % info.type.decode("latin-1"))
         parts = _parts(info.name)
         if any(p.startswith(WHITEOUT) for p in parts[:-1]):
             raise _Refused("a member inside a whiteout-named directory")
