@@ -126,6 +126,9 @@ def test_checker_refuses_data_after_a_damaged_header():
     blob = good[:1024] + b"\xff" * 512 + hidden
     with pytest.raises(UnsafeLayer, match="follows a damaged header or the end"):
         StackChecker().check_layer("sha256:l", io.BytesIO(blob))
+    # members after the end marker: GNU tar stops there, udocker's whiteout listing too
+    with pytest.raises(UnsafeLayer, match="member '../x' follows a damaged header or the end"):
+        StackChecker().check_layer("sha256:l", io.BytesIO(good + hidden))
     with pytest.raises(UnsafeLayer, match="not a readable tar archive"):
         StackChecker().check_layer("sha256:l", io.BytesIO(b"\x1f\x8b" + b"junk" * 300))
 
