@@ -78,3 +78,7 @@ class MalformedImage(UnsupportedMediaType):
 class InvalidDigest(MalformedImage):
     """A digest that is not ``sha256:`` and 64 lowercase hex digits, or a
     size that is not a sane non-negative integer."""
+
+
+class UnsafeLayer(UdockerError):
+    """An image layer that would write outside its container when extracted."""

@@ -25,7 +25,18 @@ is remembered under ``datalad-udocker/verified/<hex>`` together with the
 device, inode, size and mtime of the file that was hashed; a file that was
 replaced or touched since is hashed again.  git-annex objects are
 write-protected and never change in place, so this memo is sound for them.
+
+Layer safety
+------------
+``udocker create`` extracts the layers with GNU tar and applies whiteouts itself, which a
+hostile stack of layers can use to write or delete outside the container.  Before an image
+is fed for the first time its layers are checked as a whole stack, in manifest order, by
+:mod:`.layer_check`, in the same read that hashes them: an unsafe image raises
+:class:`~.errors.UnsafeLayer` and nothing is fed.  Since the blobs are verified against the
+manifest, a stack that passed is remembered under ``datalad-udocker/checked/<manifest hex>``
+(with the checker's version) and a second execution mode does not read the layers again.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -33,8 +44,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..digest import file_digest
-from ..errors import DigestMismatch, LayoutError
+from ..digest import CHUNK, file_digest
+from ..errors import DigestMismatch, LayoutError, UnsafeLayer
+from .layer_check import CHECKER_VERSION, StackChecker
 from .safe_delete import remove_tree
 
 REPO_PREFIX = "datalad-udocker"
@@ -78,6 +90,7 @@ class UdockerRepo:
         self.udocker_dir = Path(udocker_dir)
         self.repos_dir = self.udocker_dir / "repos"
         self.verified_dir = self.udocker_dir / STATE_DIR / "verified"
+        self.checked_dir = self.udocker_dir / STATE_DIR / "checked"
 
     def tag_dir(self, manifest_digest):
         return self.repos_dir / repo_name(manifest_digest) / TAG
@@ -87,10 +100,11 @@ class UdockerRepo:
         return (tag_dir / "TAG").is_file() and (tag_dir / "manifest").is_file()
 
     def feed(self, layout):
-        """Verify the layout's blobs and (re)write its udocker tag directory.
+        """Verify the layout's blobs, check its layers, (re)write its tag directory.
 
         Returns a :class:`FedImage`.  Raises LayoutError if a blob is not
-        present (not fetched) and DigestMismatch if one is corrupt; in both
+        present (not fetched), DigestMismatch if one is corrupt and
+        UnsafeLayer if the layers would escape the container; in all
         cases nothing is written.  The caller serialises feeds of the same
         image (the runtime holds a per-image lock).
         """
@@ -104,9 +118,21 @@ class UdockerRepo:
                     "layer %s of the image in %s is not present: fetch it "
                     "with `datalad get %s`" % (desc.digest, layout.path,
                                                layout.path))
-            self.verify_blob(path, desc.digest, desc.size)
             targets["sha256:" + desc.digest.partition(":")[2]] = \
                 os.path.realpath(path)
+        self.verify_blob(layout.blob_path(manifest.config.digest),
+                         manifest.config.digest, manifest.config.size)
+        if self.is_checked(manifest.digest):
+            for desc in manifest.layers:
+                self.verify_blob(layout.blob_path(desc.digest), desc.digest,
+                                 desc.size)
+        else:
+            checker = StackChecker()
+            for desc in manifest.layers:
+                self.verify_blob(layout.blob_path(desc.digest), desc.digest,
+                                 desc.size, checker)
+            self._remember(self.checked_dir / manifest.digest.partition(":")[2],
+                           {"checker": CHECKER_VERSION})
         final = self.tag_dir(manifest.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".feed-", dir=final.parent))
@@ -140,30 +166,53 @@ class UdockerRepo:
                       if (p / TAG / "TAG").is_file())
 
     # --- verification ----------------------------------------------------
-    def verify_blob(self, path, digest, size):
+    def verify_blob(self, path, digest, size, checker=None):
         """Raise DigestMismatch unless ``path`` holds ``size`` bytes hashing
-        to ``digest``; a previous success on the unchanged file is reused."""
+        to ``digest``; a previous success on the unchanged file is reused.
+
+        With a ``checker`` (a :class:`.layer_check.StackChecker`) the blob is
+        a layer: it is checked in the same read that hashes it (a corrupt
+        blob is reported as such, before any UnsafeLayer).
+        """
         st = os.stat(path)
         stamp = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
                  "mtime_ns": st.st_mtime_ns, "digest": digest}
         memo = self.verified_dir / digest.partition(":")[2]
-        try:
-            if json.loads(memo.read_text()) == stamp:
-                return
-        except (OSError, ValueError):
-            pass
+        if checker is None:
+            try:
+                if json.loads(memo.read_text()) == stamp:
+                    return
+            except (OSError, ValueError):
+                pass
         if st.st_size != size:
             raise DigestMismatch(
                 "layer %s is corrupt (%d bytes, the manifest says %d): "
                 "re-fetch it with `datalad get`" % (digest, st.st_size, size))
-        got = file_digest(path)
+        if checker is None:
+            got = file_digest(path)
+        else:
+            got, unsafe = _hash_and_check(path, digest, checker)
         if got != digest:
             raise DigestMismatch(
                 "layer %s is corrupt (its content hashes to %s): re-fetch it "
                 "with `datalad get`" % (digest, got))
-        self.verified_dir.mkdir(parents=True, exist_ok=True)
+        if checker is not None and unsafe is not None:
+            raise unsafe
+        self._remember(memo, stamp)
+
+    def is_checked(self, manifest_digest):
+        """Whether this image's layer stack passed :mod:`.layer_check`."""
+        memo = self.checked_dir / manifest_digest.partition(":")[2]
+        try:
+            return json.loads(memo.read_text()) == {"checker": CHECKER_VERSION}
+        except (OSError, ValueError):
+            return False
+
+    @staticmethod
+    def _remember(memo, doc):
+        memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(".%s.%d" % (memo.name, os.getpid()))
-        tmp.write_text(json.dumps(stamp))
+        tmp.write_text(json.dumps(doc))
         os.replace(tmp, memo)
 
     def forget_verified(self, digest):
@@ -171,3 +220,29 @@ class UdockerRepo:
             (self.verified_dir / digest.partition(":")[2]).unlink()
         except FileNotFoundError:
             pass
+
+
+class _HashingReader:
+    """A binary file read through ``read``, hashed as it goes."""
+
+    def __init__(self, f):
+        self._f, self.hash = f, hashlib.sha256()
+
+    def read(self, size=-1):
+        data = self._f.read(size)
+        self.hash.update(data)
+        return data
+
+
+def _hash_and_check(path, digest, checker):
+    """``(digest of the file, UnsafeLayer or None)`` from one read of ``path``."""
+    unsafe = None
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            checker.check_layer(digest, reader)
+        except UnsafeLayer as exc:
+            unsafe = exc
+        for chunk in iter(lambda: reader.read(CHUNK), b""):
+            pass                    # the rest the tar reader did not need
+    return "sha256:" + reader.hash.hexdigest(), unsafe
