@@ -131,7 +131,12 @@ def parse_reference(text):
             % redact_reference(text))
     original = text
     hint = _HINT
-    if not text or text != text.strip() or "://" in text:
+    if "://" in text:
+        # not echoed: what precedes an "@" after a scheme may be credentials
+        raise InvalidReference(
+            "invalid image reference: a URL (SCHEME://...) is not a reference; "
+            "%s" % hint)
+    if not text or text != text.strip():
         raise InvalidReference("invalid image reference %r: %s" % (original, hint))
     digest = None
     if "@" in text:
