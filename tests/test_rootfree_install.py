@@ -205,8 +205,15 @@ def _rootfree_install_import_and_run(nonroot, base, registry, clone, wheelhouse,
     user.run(f"/usr/bin/python3 -m venv {venv}\n"
              f"{venv}/bin/pip install -q --no-index --find-links {wheelhouse} '{clone}[annex]'")
     assert tree(clone) == before
+    # nor does building a wheel from it
+    user.run(f"{venv}/bin/pip wheel -q --no-deps --no-index --find-links {wheelhouse} "
+             f"-w {base}/wheels {clone}")
+    assert tree(clone) == before
+    assert [p.name for p in (base / "wheels").iterdir()] == [
+        "datalad_udocker-0.1.0-py3-none-any.whl"]
     user.path = f"{venv}/bin:{BASE_PATH}"
     assert user.run("command -v git-annex").stdout == f"{venv}/bin/git-annex\n"
+    assert user.run("git annex version --raw").stdout.startswith("10.")
 
     # import from the registry (git-annex from the wheel)
     user.run(f"datalad create -c text2git {ds}\n"
@@ -255,3 +262,70 @@ def _rootfree_install_import_and_run(nonroot, base, registry, clone, wheelhouse,
     assert "installing" not in res.stderr
     assert (ds / "out.txt").read_text() == "Linux\n"
     assert len(server[1]) == 1
+
+
+# --- the tools tarball on its own (no servers, no second user) ------------------------------
+def make_tarball(path: Path, members: dict) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+GOOD = {"udocker_dir/bin/proot-x86_64": b"#!/bin/sh\n", "udocker_dir/lib/VERSION": b"1.2.11\n"}
+
+
+def test_tarball_location_from_the_users_settings(monkeypatch):
+    from udocker.config import Config
+
+    from datalad_udocker.run.tools import tarball_locations
+    monkeypatch.delenv("UDOCKER_TARBALL", raising=False)
+    monkeypatch.delenv("DATALAD_UDOCKER_TOOLS__TARBALL", raising=False)
+    assert tarball_locations() == []                  # nothing set: nowhere
+    monkeypatch.setenv("UDOCKER_TARBALL", "/site/tools.tgz https://mirror.example/tools.tgz")
+    assert tarball_locations() == ["/site/tools.tgz", "https://mirror.example/tools.tgz"]
+    # datalad.udocker.tools-tarball wins; "udocker" names udocker's own download locations
+    monkeypatch.setenv("DATALAD_UDOCKER_TOOLS__TARBALL", "udocker")
+    assert tarball_locations() == Config.conf["tarball"].split()
+    assert all(u.startswith("https://") for u in tarball_locations())
+
+
+@pytest.mark.parametrize("members,words", [
+    ({"udocker_dir/bin/proot-x86_64": b"x"}, "not udocker's tools tarball"),
+    ({"udocker_dir/bin/proot-x86_64": b"x", "udocker_dir/lib/VERSION": b"1.2.10\n"},
+     "tools release '1.2.10', udocker needs 1.2.11 or later"),
+    (None, "not a gzip file"),
+])
+def test_bad_tarball_installs_nothing(tmp_path, members, words):
+    from datalad_udocker.errors import ToolMissing
+    from datalad_udocker.run.tools import install_tools
+    bad = tmp_path / "tools.tgz"
+    if members is None:
+        bad.write_bytes(b"not a tarball")
+    else:
+        make_tarball(bad, members)
+    udir = tmp_path / "udocker"
+    with pytest.raises(ToolMissing) as exc:
+        install_tools([str(bad), str(tmp_path / "absent.tgz")], udir)
+    message = str(exc.value)
+    assert "\n" not in message and words in message
+    assert f"{tmp_path}/absent.tgz: [Errno 2] No such file or directory" in message
+    assert not (udir / "bin").exists() and not (udir / "lib").exists()
+
+
+def test_interrupted_install_is_completed(tmp_path):
+    from datalad_udocker.run.tools import install_tools
+    good = make_tarball(tmp_path / "tools.tgz", GOOD)
+    udir = tmp_path / "udocker"
+    (udir / "bin").mkdir(parents=True)
+    (udir / "bin" / "proot-x86_64").write_bytes(b"#!/bi")        # cut short, no lib/VERSION
+    (udir / "bin" / ".proot-x86_64.part").write_bytes(b"#")
+    install_tools([str(good)], udir)
+    assert (udir / "bin" / "proot-x86_64").read_bytes() == b"#!/bin/sh\n"
+    assert os.access(udir / "bin" / "proot-x86_64", os.X_OK)
+    assert (udir / "lib" / "VERSION").read_text() == "1.2.11\n"
+    assert not list(udir.rglob("*.part"))
+    # complete: not installed again (the location is not even looked at)
+    install_tools([str(tmp_path / "absent.tgz")], udir)
