@@ -248,6 +248,12 @@ def _rootfree_install_import_and_run(nonroot, base, registry, clone, wheelhouse,
         "VERSION", "libfakechroot-x86_64.so"]
     assert [p.name for p in (udir2 / "doc").iterdir()] == ["README"]
     assert not list(base.rglob("evil")) and not Path("/etc/evil").exists()
+    # F1 with the tarball's patchelf and libfakechroot (udocker picks the library)
+    user.run(f"cd {ds} && datalad udocker-import -n glibc {registry.host}/test/glibc:1")
+    res = user.run(f"cd {ds} && datalad-udocker-run --execmode F1 --dataset . "
+                   f".datalad/environments/glibc/image sh -c 'echo f1-ran; ls /'",
+                   env={"DATALAD_UDOCKER_DIR": str(udir2)})
+    assert res.stdout.startswith("f1-ran\n") and "installing" not in res.stderr
 
     # the user's own git config names the tarball file: the first P1 run installs it
     user.run(f"git config --global datalad.udocker.tools-tarball {tarball}")
@@ -329,3 +335,28 @@ def test_interrupted_install_is_completed(tmp_path):
     assert not list(udir.rglob("*.part"))
     # complete: not installed again (the location is not even looked at)
     install_tools([str(tmp_path / "absent.tgz")], udir)
+
+
+def test_concurrent_first_runs_install_once(tmp_path, caplog):
+    from datalad_udocker.run.tools import install_tools
+    members = dict(GOOD, **{f"udocker_dir/lib/big{i}": os.urandom(1 << 20) for i in range(4)})
+    good = make_tarball(tmp_path / "tools.tgz", members)
+    udir = tmp_path / "udocker"
+    errors = []
+
+    def install():
+        try:
+            install_tools([str(good)], udir)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=install) for _ in range(4)]
+    with caplog.at_level("WARNING", logger="datalad.udocker.tools"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert [r.getMessage().split(" from ")[0] for r in caplog.records] == [
+        "installing udocker's tools (PRoot, runc, Fakechroot, patchelf)"]
+    assert (udir / "lib" / "VERSION").read_text() == "1.2.11\n"
