@@ -12,7 +12,11 @@ empty tmpfs over libfakechroot's directory), so nothing from the Debian packages
   (a dataset's committed ``.datalad/config`` cannot set it); with
   ``datalad.udocker.tools-tarball`` set in the user's git config the first run installs
   udocker's tools from it, saying so, and runs; later runs reuse them.  A second udocker
-  directory gets the tarball over HTTP through ``UDOCKER_TARBALL`` and runs R1.
+  directory gets the tarball over HTTP through ``UDOCKER_TARBALL`` and runs R1, then F1
+  (udocker picks the tarball's libfakechroot).
+
+``pip wheel`` from the read-only clone is exercised too; the ``git+https://`` form of the
+docs is not (no git server here).  Fast tests below cover the tarball installer alone.
 
 The tools tarball is built in udocker's layout from the Debian binaries.
 """
