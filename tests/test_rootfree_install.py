@@ -15,8 +15,9 @@ empty tmpfs over libfakechroot's directory), so nothing from the Debian packages
   directory gets the tarball over HTTP through ``UDOCKER_TARBALL`` and runs R1, then F1
   (udocker picks the tarball's libfakechroot).
 
-``pip wheel`` from the read-only clone is exercised too; the ``git+https://`` form of the
-docs is not (no git server here).  Fast tests below cover the tarball installer alone.
+``pip wheel`` from the read-only clone and from a git URL (``git daemon`` on 127.0.0.1; the
+docs show ``git+https://``) are exercised too.  Fast tests below cover the tarball installer
+alone.
 
 The tools tarball is built in udocker's layout from the Debian binaries.
 """
@@ -39,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.users import GITCONFIG
-from fixtures.util import REPO_ROOT
+from fixtures.util import REPO_ROOT, free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -127,6 +128,30 @@ def tools_tarball(shared_dir):
     return path
 
 
+@pytest.fixture(scope="session")
+def git_url(readonly_clone, shared_dir):
+    """The clone as a git repository served by ``git daemon`` on 127.0.0.1: its git URL."""
+    repo = shared_dir / "git" / "datalad-udocker"
+    shutil.copytree(readonly_clone, repo)
+    ident = ["-c", "user.name=Site", "-c", "user.email=site@example.invalid"]
+    for cmd in (["init", "-q"], ["add", "-A"], [*ident, "commit", "-q", "-m", "site copy"]):
+        _sh("git", *cmd, cwd=repo)
+    _sh("chmod", "-R", "u=rwX,go=rX", str(shared_dir / "git"))
+    port = free_port()
+    log = shared_dir / "git-daemon.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all",
+                                 "--listen=127.0.0.1", f"--port={port}",
+                                 f"--base-path={shared_dir / 'git'}", str(repo)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _sh("git", "ls-remote", f"git://127.0.0.1:{port}/datalad-udocker"),
+                   timeout=30, what="git daemon", proc=proc, log=log)
+        yield f"git://127.0.0.1:{port}/datalad-udocker"
+    finally:
+        stop_process(proc)
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, fmt, *args):       # record, do not print
         self.server.requests.append(self.path)
@@ -185,16 +210,16 @@ def error_lines(res):
 
 
 def test_rootfree_install_import_and_run(nonroot, registry, readonly_clone, wheelhouse,
-                                         tools_tarball, tarball_server):
+                                         git_url, tools_tarball, tarball_server):
     base = nonroot.make_tempdir("udtest-rootfree-")
     try:
         _rootfree_install_import_and_run(nonroot, base, registry, readonly_clone, wheelhouse,
-                                         tools_tarball, tarball_server)
+                                         git_url, tools_tarball, tarball_server)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _rootfree_install_import_and_run(nonroot, base, registry, clone, wheelhouse,
+def _rootfree_install_import_and_run(nonroot, base, registry, clone, wheelhouse, git_url,
                                      tarball, server):
     user = HiddenToolsUser(nonroot, base)
     venv, ds, udir = base / "venv", base / "ds", base / "home/.cache/datalad-udocker/udocker"
@@ -214,6 +239,11 @@ def _rootfree_install_import_and_run(nonroot, base, registry, clone, wheelhouse,
              f"-w {base}/wheels {clone}")
     assert tree(clone) == before
     assert [p.name for p in (base / "wheels").iterdir()] == [
+        "datalad_udocker-0.1.0-py3-none-any.whl"]
+    # and from the git URL (pip clones it into a temporary directory)
+    user.run(f"{venv}/bin/pip wheel -q --no-deps --no-index --find-links {wheelhouse} "
+             f"-w {base}/from-git 'datalad-udocker[annex] @ git+{git_url}'")
+    assert [p.name for p in (base / "from-git").iterdir()] == [
         "datalad_udocker-0.1.0-py3-none-any.whl"]
     user.path = f"{venv}/bin:{BASE_PATH}"
     assert user.run("command -v git-annex").stdout == f"{venv}/bin/git-annex\n"
