@@ -19,6 +19,10 @@ reader.
     ``$XDG_CACHE_HOME/datalad-udocker/udocker`` (env: DATALAD_UDOCKER_DIR).
 ``datalad.udocker.jobs``
     Parallel layer downloads during import (default 4).
+``datalad.udocker.tools-tarball``
+    Where udocker's tools tarball is installed from when the host lacks an
+    execution tool: files or URLs, or ``udocker`` for udocker's download
+    site (default: ``UDOCKER_TARBALL``, else nowhere; see run/tools.py).
 """
 import os
 

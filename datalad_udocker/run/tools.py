@@ -1,8 +1,9 @@
 """Execution modes, the host tools they need, and the wrappers udocker calls.
 
 udocker 1.3.17 would download its own tools tarball on every command; we set
-``UDOCKER_TARBALL=""`` so it never does, and point it at the tools Debian
-packages (or at tools a ``udocker install`` left in ``$UDOCKER_DIR/bin``):
+``UDOCKER_TARBALL=""`` so it never does, and point it at the host's tools
+(Debian packages, or anything on ``PATH``), else at udocker's own statically
+built tools in ``$UDOCKER_DIR/bin`` and ``lib``:
 
 ====  ============================================  ==========================
 mode  engine                                        Debian packages
@@ -12,6 +13,13 @@ P2    PRoot, plain ptrace (slower, most portable)   ``proot``
 F1    Fakechroot (LD_PRELOAD; glibc images only)    ``fakechroot``, ``patchelf``
 R1    rootless runc / crun (user namespaces)        ``runc`` (or ``crun``)
 ====  ============================================  ==========================
+
+Where neither exists, :func:`find_tools` installs udocker's tools tarball
+from the location the user set (``datalad.udocker.tools-tarball`` in their
+own git config, else ``UDOCKER_TARBALL``): a local file or URL in udocker's
+layout, or ``udocker`` for udocker's own download locations.  It says on
+stderr what it installs and from where; with no location set nothing is
+downloaded and the error names both ways out.
 
 udocker does not call those tools directly but through small per-run shell
 wrappers (:func:`write_wrappers`) that
@@ -35,14 +43,23 @@ wrappers (:func:`write_wrappers`) that
 For F1 udocker runs ``env -i ... COMMAND`` found on ``PATH``, so the wrapper
 directory goes first on udocker's ``PATH`` and holds an ``env`` wrapper.
 """
+import contextlib
+import fcntl
 import glob
+import logging
 import os
+import platform
+import re
 import shlex
 import shutil
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 from ..errors import RuntimeError_, ToolMissing
+
+lgr = logging.getLogger("datalad.udocker.tools")
 
 EXEC_MODES = {
     "P1": "PRoot with seccomp acceleration",
@@ -78,10 +95,31 @@ def _which(name):
     return shutil.which(name, path=path)
 
 
-def _udocker_own(udocker_dir, prefix):
-    """A tool udocker's ``install`` put into ``$UDOCKER_DIR/bin``, if any."""
-    found = sorted(glob.glob(os.path.join(udocker_dir, "bin", prefix + "*")))
-    return next((f for f in found if os.access(f, os.X_OK)), None)
+def _arch():
+    """This machine in udocker's names for its tools (``proot-x86_64``)."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "aarch64": "arm64", "i386": "x86",
+            "i686": "x86", "armv7l": "arm"}.get(machine, machine)
+
+
+def _udocker_own(udocker_dir, name):
+    """udocker's own build of ``name`` in ``$UDOCKER_DIR/bin``, if any,
+    chosen as udocker does (the build for kernels >= 4.8 first)."""
+    kernel = tuple(int(n) for n in re.findall(r"\d+", platform.release())[:2])
+    candidates = ["%s-%s" % (name, _arch()), name]
+    if kernel >= (4, 8):
+        candidates.insert(0, "%s-%s-4_8_0" % (name, _arch()))
+    for candidate in candidates:
+        path = os.path.join(udocker_dir, "bin", candidate)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _udocker_has_fakechroot(udocker_dir):
+    """udocker's own libfakechroot builds are in ``$UDOCKER_DIR/lib`` (it
+    picks the one for the image's distribution itself)."""
+    return bool(glob.glob(os.path.join(udocker_dir, "lib", "libfakechroot*")))
 
 
 def _user_setting(var):
@@ -90,53 +128,218 @@ def _user_setting(var):
     return value if value and os.path.exists(value) else None
 
 
-def find_tools(mode, udocker_dir):
-    """Host tools for ``mode``: ``{"proot"|"runc"|"fakechroot_so"|"patchelf": path}``.
+_WHAT = {"proot": "PRoot", "runc": "runc or crun", "fakechroot": "fakechroot",
+         "patchelf": "patchelf"}
 
-    Raises ToolMissing with a one-line message naming the Debian package.
+
+def _find(mode, udocker_dir):
+    """``(tools, Debian packages of the missing ones)`` for ``mode``."""
+    if mode in ("P1", "P2"):
+        proot = (_user_setting("UDOCKER_USE_PROOT_EXECUTABLE")
+                 or _which("proot") or _udocker_own(udocker_dir, "proot"))
+        return {"proot": proot}, [] if proot else ["proot"]
+    if mode == "R1":
+        runc = (_user_setting("UDOCKER_USE_RUNC_EXECUTABLE")
+                or _which("runc") or _which("crun")
+                or _udocker_own(udocker_dir, "runc")
+                or _udocker_own(udocker_dir, "crun"))
+        return {"runc": runc}, [] if runc else ["runc"]
+    so = _user_setting("UDOCKER_FAKECHROOT_SO") or next(
+        (p for g in _FAKECHROOT_GLOBS for p in sorted(glob.glob(g))), None)
+    # with udocker's own libfakechroot (so None) its own patchelf, which
+    # takes the options udocker passes
+    own = _udocker_own(udocker_dir, "patchelf")
+    patchelf = _user_setting("UDOCKER_USE_PATCHELF_EXECUTABLE") or (
+        (_which("patchelf") or own) if so else (own or _which("patchelf")))
+    missing = [pkg for pkg, have in (
+        ("fakechroot", so or _udocker_has_fakechroot(udocker_dir)),
+        ("patchelf", patchelf)) if not have]
+    return {"fakechroot_so": so, "patchelf": patchelf}, missing
+
+
+def find_tools(mode, udocker_dir):
+    """Tools for ``mode``: ``{"proot"|"runc"|"fakechroot_so"|"patchelf": path}``.
+
+    The host's (udocker's variables, ``PATH``, the sbin directories) first,
+    else udocker's own in ``udocker_dir``, else those of the tools tarball
+    the user set, installed there first (:func:`install_tools`).
+    ``fakechroot_so`` is None when udocker is to pick its own library.
+    Raises ToolMissing with a one-line message naming the Debian package
+    and the tarball setting.
     """
     mode = check_execmode(mode)
-    tools = {}
-    if mode in ("P1", "P2"):
-        tools["proot"] = (_user_setting("UDOCKER_USE_PROOT_EXECUTABLE")
-                          or _which("proot")
-                          or _udocker_own(udocker_dir, "proot"))
-        if not tools["proot"]:
-            raise ToolMissing(
-                "execution mode %s needs PRoot, which is not installed: "
-                "install the Debian package 'proot' (apt-get install proot) "
-                "or run `udocker install`, or choose another mode with "
-                "`git config --global datalad.udocker.execmode R1`" % mode)
-    elif mode == "R1":
-        tools["runc"] = (_user_setting("UDOCKER_USE_RUNC_EXECUTABLE")
-                         or _which("runc") or _which("crun")
-                         or _udocker_own(udocker_dir, "runc")
-                         or _udocker_own(udocker_dir, "crun"))
-        if not tools["runc"]:
-            raise ToolMissing(
-                "execution mode R1 needs runc or crun, which is not "
-                "installed: install the Debian package 'runc' (apt-get "
-                "install runc), or choose another mode with `git config "
-                "--global datalad.udocker.execmode P1`")
-    elif mode == "F1":
-        so = _user_setting("UDOCKER_FAKECHROOT_SO") or next(
-            (p for g in _FAKECHROOT_GLOBS for p in sorted(glob.glob(g))), None)
-        patchelf = (_user_setting("UDOCKER_USE_PATCHELF_EXECUTABLE")
-                    or _which("patchelf"))
-        missing = [pkg for pkg, have in (("fakechroot", so),
-                                         ("patchelf", patchelf)) if not have]
-        if missing:
-            raise ToolMissing(
-                "execution mode F1 needs %s, which is not installed: install "
-                "the Debian package%s %s (apt-get install %s), or choose "
-                "another mode with `git config --global "
-                "datalad.udocker.execmode P1`" % (
-                    " and ".join(missing), "s" if len(missing) > 1 else "",
-                    " and ".join("'%s'" % m for m in missing),
-                    " ".join(missing)))
-        tools["fakechroot_so"] = so
-        tools["patchelf"] = patchelf
+    tools, missing = _find(mode, udocker_dir)
+    if not missing:
+        return tools
+    what = " and ".join(_WHAT[m] for m in missing)
+    locations = tarball_locations()
+    if not locations:
+        raise ToolMissing(
+            "execution mode %s needs %s, which is not installed: install the "
+            "Debian package%s %s (apt-get install %s), or have udocker's "
+            "tools installed into %s from udocker's download site with `git "
+            "config --global datalad.udocker.tools-tarball udocker` (or "
+            "from your site's copy: its URL or file instead of 'udocker'), "
+            "or choose another mode with `git config --global "
+            "datalad.udocker.execmode %s`" % (
+                mode, what, "s" if len(missing) > 1 else "",
+                " and ".join("'%s'" % m for m in missing), " ".join(missing),
+                udocker_dir, "R1" if mode in ("P1", "P2") else "P1"))
+    install_tools(locations, udocker_dir)
+    tools, missing = _find(mode, udocker_dir)
+    if missing:
+        raise ToolMissing(
+            "execution mode %s needs %s, which udocker's tools tarball "
+            "installed in %s does not have for this machine (%s): install "
+            "the Debian package%s %s or choose another mode with `git config "
+            "--global datalad.udocker.execmode`" % (
+                mode, " and ".join(_WHAT[m] for m in missing), udocker_dir,
+                _arch(), "s" if len(missing) > 1 else "",
+                " and ".join("'%s'" % m for m in missing)))
     return tools
+
+
+# --- udocker's tools tarball ------------------------------------------------
+# Its layout (what ``udocker install`` reads): a gzip tar with
+# ``udocker_dir/lib/VERSION``, ``udocker_dir/bin/proot-x86_64``...,
+# ``udocker_dir/lib/libfakechroot-*.so``, ``udocker_dir/doc/*``; bin/, lib/
+# and doc/ go to ``$UDOCKER_DIR/{bin,lib,doc}``.  We install it ourselves
+# rather than with ``udocker install``, which would also fetch a messages
+# file from GitHub and may leave half-written tools when interrupted.
+
+TOOLS_TARBALL_MAX = 1 << 30      # bytes; udocker's is about 10 MB
+
+
+def _udocker_default(key):
+    from udocker.config import Config
+    return Config.conf[key]
+
+
+def tarball_locations():
+    """Where the user wants udocker's tools tarball installed from.
+
+    ``datalad.udocker.tools-tarball`` (the user's own config only), else
+    ``UDOCKER_TARBALL``: space-separated URLs or files, tried in order;
+    ``udocker`` stands for udocker's own download locations.  Empty: nowhere.
+    """
+    from .. import config
+    try:
+        value = config.get("tools-tarball")
+    except OSError:             # no git to read the user's config with
+        value = None
+    value = value or os.environ.get("UDOCKER_TARBALL")
+    locations = str(value or "").split()
+    if locations == ["udocker"]:
+        locations = _udocker_default("tarball").split()
+    return locations
+
+
+def _version(text):
+    return tuple(int(n) for n in re.findall(r"\d+", text))
+
+
+def install_tools(locations, udocker_dir):
+    """Install udocker's tools tarball into ``udocker_dir`` from the first
+    of ``locations`` that works, saying so on stderr (logger warning).
+
+    Nothing happens when a complete install is already there.  Files are
+    written under temporary names and renamed, ``lib/VERSION`` last: an
+    interrupted install is finished by the next one.  Raises ToolMissing
+    when no location gives a tarball in udocker's layout.
+    """
+    from ..registry.transport import redact_url
+    udocker_dir = Path(udocker_dir)
+    udocker_dir.mkdir(parents=True, exist_ok=True)
+    required = _udocker_default("tarball_release")
+    with open(udocker_dir / ".tools-install.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        version = udocker_dir / "lib" / "VERSION"
+        if version.is_file() and \
+                _version(version.read_text()) >= _version(required):
+            return
+        failures = []
+        for location in locations:
+            shown = redact_url(location) if "://" in location else location
+            lgr.warning("installing udocker's tools (PRoot, runc, "
+                        "Fakechroot, patchelf) from %s into %s",
+                        shown, udocker_dir)
+            try:
+                with _tarball_file(location, udocker_dir) as path:
+                    _extract_tools(path, udocker_dir, required)
+                return
+            except (OSError, tarfile.TarError, ToolMissing) as exc:
+                failures.append("%s: %s" % (shown, " ".join(
+                    str(exc).split()) or type(exc).__name__))
+        raise ToolMissing(
+            "could not install udocker's tools tarball (set in "
+            "datalad.udocker.tools-tarball or UDOCKER_TARBALL) from %s"
+            % "; ".join(failures))
+
+
+@contextlib.contextmanager
+def _tarball_file(location, udocker_dir):
+    """A local file with the tarball at ``location`` (a URL is downloaded
+    into a temporary file in ``udocker_dir``)."""
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    if "://" not in location:
+        yield os.path.expanduser(location)
+        return
+    if not location.startswith(("http://", "https://")):
+        raise ToolMissing("only http, https and file URLs are supported")
+    import requests
+    with tempfile.NamedTemporaryFile(dir=udocker_dir,
+                                     prefix=".tools-tarball-") as tmp:
+        try:
+            with requests.get(location, stream=True, timeout=60) as resp:
+                if resp.status_code != 200:
+                    raise ToolMissing("HTTP status %d" % resp.status_code)
+                size = 0
+                for chunk in resp.iter_content(1 << 20):
+                    size += len(chunk)
+                    if size > TOOLS_TARBALL_MAX:
+                        raise ToolMissing("larger than %d bytes"
+                                          % TOOLS_TARBALL_MAX)
+                    tmp.write(chunk)
+        except requests.RequestException as exc:
+            raise ToolMissing(type(exc).__name__) from None
+        tmp.flush()
+        yield tmp.name
+
+
+def _extract_tools(path, udocker_dir, required):
+    """Write the regular files under ``udocker_dir/{bin,lib,doc}/`` of the
+    tarball at ``path`` into ``udocker_dir`` (by base name, as udocker
+    does; nothing else is extracted)."""
+    with tarfile.open(path, "r:gz") as tar:
+        files = []
+        for member in tar.getmembers():
+            parts = member.name.split("/")
+            name = parts[-1]
+            if len(parts) < 3 or parts[0] != "udocker_dir" or \
+                    parts[1] not in ("bin", "lib", "doc") or \
+                    not member.isfile() or name in ("", ".", ".."):
+                continue
+            files.append((parts[1], name, member))
+        version = [m for sub, name, m in files
+                   if (sub, name) == ("lib", "VERSION")]
+        if not version:
+            raise ToolMissing("not udocker's tools tarball (it has no "
+                              "udocker_dir/lib/VERSION)")
+        found = tar.extractfile(version[0]).read(100).decode(
+            errors="replace").strip()
+        if _version(found) < _version(required):
+            raise ToolMissing("tools release %r, udocker needs %s or later"
+                              % (found, required))
+        files.sort(key=lambda f: (f[0], f[1]) == ("lib", "VERSION"))
+        for sub, name, member in files:
+            target = udocker_dir / sub
+            target.mkdir(exist_ok=True)
+            part = target / (".%s.part" % name)
+            with tar.extractfile(member) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            part.chmod(0o755 if sub == "bin" else 0o644)
+            os.replace(part, target / name)
 
 
 _WRAPPER = """#!/bin/bash
@@ -193,7 +396,8 @@ def write_wrappers(bin_dir, tools, fds):
         env["UDOCKER_USE_RUNC_EXECUTABLE"] = wrap(
             name, tools["runc"], "Bypasses udocker's pseudo-terminal copy.")
     if "fakechroot_so" in tools:
-        env["UDOCKER_FAKECHROOT_SO"] = tools["fakechroot_so"]
+        if tools["fakechroot_so"]:      # else udocker picks its own
+            env["UDOCKER_FAKECHROOT_SO"] = tools["fakechroot_so"]
         env["UDOCKER_USE_PATCHELF_EXECUTABLE"] = tools["patchelf"]
         wrap("env", _which("env") or "/usr/bin/env",
              "udocker's F1 engine runs 'env -i VARS... COMMAND'.")
