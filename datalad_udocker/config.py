@@ -24,7 +24,11 @@ reader.
     execution tool: files or URLs, or ``udocker`` for udocker's download
     site (default: ``UDOCKER_TARBALL``, else nowhere; see run/tools.py).
 """
+import json
 import os
+import subprocess
+
+from .errors import UdockerError
 
 SPECIAL_REMOTE_NAME = "udocker-registry"
 SPECIAL_REMOTE_TYPE = "udocker"   # git-annex-remote-udocker
@@ -57,8 +61,42 @@ def get(name, default=None, dataset=None):
     return default if value in (None, "") else value
 
 
-def insecure_registries(dataset=None):
-    value = get("insecure-registries", "", dataset)
+def get_without_datalad(name, default=None, cwd=None):
+    """What :func:`get` returns, for a process that must start fast
+    (git-annex-remote-udocker): DataLad's environment mapping
+    (``DATALAD_UDOCKER_X__Y``, then ``DATALAD_CONFIG_OVERRIDES_JSON``), then
+    ``git config`` in ``cwd`` (``.git/config``, global, system and ``-c``
+    settings, which DataLad passes on to git-annex in the environment).
+    Never a dataset's committed ``.datalad/config``; DataLad is not imported.
+    """
+    key = "datalad.udocker." + name
+    for var, value in os.environ.items():
+        if (var.startswith("DATALAD_")
+                and var.replace("__", "-").replace("_", ".").lower() == key):
+            return value or default
+    try:
+        value = json.loads(os.environ.get("DATALAD_CONFIG_OVERRIDES_JSON")
+                           or "{}").get(key)
+    except (ValueError, AttributeError):
+        value = None
+    if isinstance(value, (list, tuple)):
+        value = value[-1] if value else None
+    if value in (None, ""):
+        proc = subprocess.run(["git", "config", "--get", key], cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True)
+        if proc.returncode not in (0, 1):     # 1: not set
+            raise UdockerError("cannot read %s: %s" % (
+                key, proc.stderr.strip() or "git config failed"))
+        value = proc.stdout.rstrip("\n")
+    return default if value in (None, "") else value
+
+
+def insecure_registries(dataset=None, fast=False):
+    """The hosts spoken to over plain http (besides loopback).  ``fast``:
+    read with :func:`get_without_datalad` in the current directory."""
+    value = (get_without_datalad("insecure-registries", "") if fast
+             else get("insecure-registries", "", dataset))
     return {h for h in value.replace(",", " ").split() if h}
 
 

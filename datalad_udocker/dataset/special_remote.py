@@ -8,19 +8,32 @@ redirects without credentials, retries, Range resume, digest check).
 It is initialised with ``autoenable=true``, so ``datalad clone`` enables it
 and ``datalad get`` just works.  It cannot store or remove anything.
 
+One process serves a whole ``git annex get``: the trusted settings are read
+once in ``prepare()`` and there is one :class:`RegistryClient` per registry
+for the session, so credentials are looked up and a token is fetched once per
+registry (and repository scope), not once per layer.  DataLad is never
+imported: the remote starts in a fraction of a second.
+
+When a registry is gone (nobody listening, or the image deleted) the remote
+says so quickly, and git-annex goes on to the next remote that has the layer
+(a RIA store, a clone, a directory remote): a registry that could not be
+reached is not asked again for :data:`UNREACHABLE_FOR` seconds.  Its cost
+(:data:`COST`) puts it after every ordinary remote, so a layer held by a RIA
+store or a clone is taken from there, not from the registry.
+
 Set up by hand (the import command does this for you)::
 
     git annex initremote udocker-registry type=external externaltype=udocker \
         encryption=none autoenable=true
 """
 import logging
-import os
+import time
 
 from annexremote import Master, RemoteError, SpecialRemote
 
 from .. import config
 from ..digest import digest_from_key
-from ..errors import NotFoundError, UdockerError
+from ..errors import NotFoundError, RegistryError, UdockerError
 from ..registry.client import RegistryClient, parse_blob_url
 
 lgr = logging.getLogger("datalad.udocker.special_remote")
@@ -34,23 +47,78 @@ def is_blob_url(url):
         return False
 
 
-def _client_for(url):
-    """A client for the URL's registry.  Plain http only where the user's
-    settings allow it (loopback, datalad.udocker.insecure-registries): an
-    ``http://`` URL in a cloned dataset must not downgrade a remote registry."""
-    from datalad.distribution.dataset import Dataset
-    insecure = config.insecure_registries(Dataset(os.getcwd()))
-    return RegistryClient.for_url(url, insecure_registries=insecure)
+#: git-annex's cost for this remote: above "expensive" (200: ssh, http, S3,
+#: an ssh RIA store), so that any other remote holding a layer is tried
+#: first (no registry pull counted, no waiting on a registry that is gone);
+#: ``remote.udocker-registry.annex-cost`` overrides it
+COST = 250
+
+#: seconds during which a registry that could not be reached is not asked
+#: again (its keys fail at once, so git-annex moves on to the next remote)
+UNREACHABLE_FOR = 60.0
+
+
+def _registry_of(url):
+    """``host[:port]`` of a blob URL: the unit a client and a token serve."""
+    return parse_blob_url(url)[0].split("://", 1)[1]
+
+
+def _unreachable(exc):
+    """No HTTP answer at all, after the transport's own retries."""
+    return (isinstance(exc, RegistryError) and exc.status is None
+            and exc.temporary)
 
 
 class RegistryBlobRemote(SpecialRemote):
     """Protocol in, registry client out; each method a few lines."""
 
+    def __init__(self, annex):
+        super().__init__(annex)
+        self._insecure = None
+        self._clients = {}         # registry host -> RegistryClient
+        self._down = {}            # registry host -> (monotonic time, message)
+
     def initremote(self):
         pass
 
     def prepare(self):
-        pass
+        # plain http only where the user's own settings allow it (loopback,
+        # datalad.udocker.insecure-registries): an http:// URL in a cloned
+        # dataset must not downgrade a remote registry
+        try:
+            self._insecure = config.insecure_registries(fast=True)
+        except UdockerError as exc:
+            raise RemoteError(str(exc))
+
+    def _down_since(self, registry):
+        """Why ``registry`` was unreachable less than UNREACHABLE_FOR s ago."""
+        when, message = self._down.get(registry, (None, None))
+        if when is not None and time.monotonic() - when < UNREACHABLE_FOR:
+            return message
+        return None
+
+    def _client(self, url):
+        """The session's client for the registry of ``url``."""
+        registry = _registry_of(url)
+        down = self._down_since(registry)
+        if down:
+            raise RegistryError("%s (not asked again for %d s)"
+                                % (down, UNREACHABLE_FOR), temporary=True)
+        client = self._clients.get(registry)
+        if client is None:
+            client = self._clients[registry] = RegistryClient.for_url(
+                url, insecure_registries=self._insecure)
+        return client
+
+    def _failed(self, url, exc):
+        """Note ``exc`` for ``url``; its message for git-annex."""
+        registry = _registry_of(url)
+        if _unreachable(exc) and not self._down_since(registry):
+            self._down[registry] = (time.monotonic(), str(exc))
+        return str(exc)
+
+    def getcost(self):
+        return COST
 
     def claimurl(self, url):
         return is_blob_url(url)
@@ -76,22 +144,23 @@ class RegistryBlobRemote(SpecialRemote):
         errors = []
         for url in urls:
             try:
-                _client_for(url).download_blob(url, digest, size, filename, progress)
+                self._client(url).download_blob(url, digest, size, filename,
+                                                progress)
                 return
             except UdockerError as exc:
-                errors.append(str(exc))
+                errors.append(self._failed(url, exc))
         raise RemoteError("; ".join(errors))
 
     def checkpresent(self, key):
         errors = []
         for url in self._urls(key):
             try:
-                if _client_for(url).blob_exists(url):
+                if self._client(url).blob_exists(url):
                     return True
             except NotFoundError:
                 continue
             except UdockerError as exc:
-                errors.append(str(exc))
+                errors.append(self._failed(url, exc))
         if errors:
             raise RemoteError("; ".join(errors))
         return False
