@@ -27,6 +27,7 @@ reader.
 import json
 import os
 import subprocess
+import sys
 
 from .errors import UdockerError
 
@@ -41,47 +42,25 @@ SPECIAL_REMOTE_TYPE = "udocker"   # git-annex-remote-udocker
 CMDEXEC = "datalad-udocker-run -d '{img_dspath}' '{img}' {cmd}"
 
 
-def _cfg():
-    from datalad import cfg
-    return cfg
-
-
 def get(name, default=None, dataset=None):
     """The ``datalad.udocker.<name>`` setting from the user's own config.
 
-    With a ``dataset`` its ``.git/config`` counts too, but never its
-    committed ``.datalad/config`` (DataLad's "branch" scope).
-    """
-    key = "datalad.udocker." + name
-    cfg = dataset.config if dataset is not None else _cfg()
-    cfg.reload()
-    value = cfg.get_from_source("local", key, default=None)
-    if isinstance(value, tuple):        # set more than once: the last wins
-        value = value[-1]
-    return default if value in (None, "") else value
-
-
-def get_without_datalad(name, default=None, cwd=None):
-    """What :func:`get` returns, for a process that must start fast
-    (git-annex-remote-udocker): DataLad's environment mapping
-    (``DATALAD_UDOCKER_X__Y``, then ``DATALAD_CONFIG_OVERRIDES_JSON``), then
-    ``git config`` in ``cwd`` (``.git/config``, global, system and ``-c``
-    settings, which DataLad passes on to git-annex in the environment).
-    Never a dataset's committed ``.datalad/config``; DataLad is not imported.
+    In order: DataLad's environment mapping (``DATALAD_UDOCKER_X__Y``),
+    DataLad's overrides (``datalad -c``, in this process or passed on in
+    ``DATALAD_CONFIG_OVERRIDES_JSON``), then ``git config`` in the
+    ``dataset`` (a Dataset or a path; default: the current directory), which
+    reads its ``.git/config``, global and system files.  Never a dataset's
+    committed ``.datalad/config``.  DataLad is not imported, so the special
+    remote uses this too and starts fast.
     """
     key = "datalad.udocker." + name
     for var, value in os.environ.items():
         if (var.startswith("DATALAD_")
                 and var.replace("__", "-").replace("_", ".").lower() == key):
             return value or default
-    try:
-        value = json.loads(os.environ.get("DATALAD_CONFIG_OVERRIDES_JSON")
-                           or "{}").get(key)
-    except (ValueError, AttributeError):
-        value = None
-    if isinstance(value, (list, tuple)):
-        value = value[-1] if value else None
+    value = _override(key)
     if value in (None, ""):
+        cwd = getattr(dataset, "path", dataset)
         proc = subprocess.run(["git", "config", "--get", key], cwd=cwd,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL, text=True)
@@ -92,11 +71,27 @@ def get_without_datalad(name, default=None, cwd=None):
     return default if value in (None, "") else value
 
 
-def insecure_registries(dataset=None, fast=False):
-    """The hosts spoken to over plain http (besides loopback).  ``fast``:
-    read with :func:`get_without_datalad` in the current directory."""
-    value = (get_without_datalad("insecure-registries", "") if fast
-             else get("insecure-registries", "", dataset))
+def _override(key):
+    """``key`` as set with ``datalad -c`` (last value wins), or None."""
+    overrides = {}
+    try:
+        overrides = json.loads(
+            os.environ.get("DATALAD_CONFIG_OVERRIDES_JSON") or "{}")
+    except ValueError:
+        pass
+    datalad = sys.modules.get("datalad")
+    cfg = getattr(datalad, "cfg", None)
+    if cfg is not None and isinstance(getattr(cfg, "overrides", None), dict):
+        overrides = dict(overrides, **cfg.overrides)
+    value = overrides.get(key) if isinstance(overrides, dict) else None
+    if isinstance(value, (list, tuple)):
+        value = value[-1] if value else None
+    return value
+
+
+def insecure_registries(dataset=None):
+    """The hosts spoken to over plain http (besides loopback)."""
+    value = get("insecure-registries", "", dataset)
     return {h for h in value.replace(",", " ").split() if h}
 
 

@@ -86,7 +86,7 @@ class RegistryBlobRemote(SpecialRemote):
         # datalad.udocker.insecure-registries): an http:// URL in a cloned
         # dataset must not downgrade a remote registry
         try:
-            self._insecure = config.insecure_registries(fast=True)
+            self._insecure = config.insecure_registries()
         except UdockerError as exc:
             raise RemoteError(str(exc))
 
