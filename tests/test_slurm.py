@@ -7,14 +7,16 @@ all tasks with the same ``DATALAD_UDOCKER_DIR``. The cluster (tests/fixtures/slu
 eight tasks at once.
 
 - All tasks succeed with the right output, and exactly one container was created (one udocker
-  container directory, one cache entry): the first task created it under the per-container lock,
-  the others waited and reused it.
+  container directory seen at any moment of the array, one cache entry): the first task created
+  it under the per-container lock, the others waited on that lock (seen in /proc/locks) and
+  reused it.
 - A task ``scancel``-led while it creates the container (frozen at the moment udocker's container
   directory appears, found as the holder of the exclusive creation lock) leaves nothing that
   breaks the other tasks, a resubmitted task, or ``datalad udocker-containers --prune``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -99,10 +101,23 @@ def test_job_array_creates_the_container_once(nonroot, slurm, origin):
     array = Array(nonroot, slurm, origin)
     start = time.monotonic()
     job = array.submit()
-    states = slurm.wait_done(job)
+    # every container directory that exists at any moment of the array (a container lives at
+    # least as long as a task's run in it: a re-creation cannot slip between two looks)
+    seen, waited = set(), set()
+
+    def watch():
+        seen.update(array.container_dirs())
+        if flock_holders(array.lock_file, "WRITE"):     # a task is creating the container
+            waited.update(flock_holders(array.lock_file, None, waiting=True))
+
+    states = slurm.wait_done(job, watch=watch)
     array_time = time.monotonic() - start
     array.check_tasks(job, states, range(1, TASKS + 1))
-    assert len(array.container_dirs()) == 1, array.container_dirs()
+    assert len(seen) == 1, f"{len(seen)} containers were created: {sorted(seen)}"
+    assert array.container_dirs() == sorted(seen)
+    # the tasks started together: others were blocked on the lock while one created
+    assert waited, "no task waited on the creation lock: the tasks did not run concurrently"
+    print(f"\n[lock] {len(waited)} task(s) waited on the lock while the container was created")
     assert array.cache_entries() == [f"{array.name}.json"]
     # each task recorded its run in its own clone
     log = nonroot.run(["git", "log", "-1", "--format=%B"], cwd=array.work / "task-1").stdout
@@ -124,20 +139,22 @@ def test_job_array_creates_the_container_once(nonroot, slurm, origin):
         shutil.rmtree(a.work, ignore_errors=True)
 
 
-def flock_holders(path: Path, mode: str = "WRITE"):
-    """Pids holding a flock of ``mode`` on ``path`` (from /proc/locks)."""
+def flock_holders(path: Path, mode: str = "WRITE", waiting: bool = False):
+    """Pids holding (or with ``waiting``: waiting for) a flock of ``mode`` (READ, WRITE or
+    None: either) on ``path``, from /proc/locks."""
     try:
         inode = os.stat(path).st_ino
     except FileNotFoundError:
         return []
     pids = []
     for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if "->" in fields:          # a waiter, not a holder
+        fields = line.split()[1:]
+        if (fields[0] == "->") != waiting:
             continue
-        if fields[1:4] == ["FLOCK", "ADVISORY", mode] and \
-                int(fields[5].rsplit(":", 1)[1]) == inode:
-            pids.append(int(fields[4]))
+        fields = fields[1:] if waiting else fields
+        if fields[:2] == ["FLOCK", "ADVISORY"] and (mode is None or fields[2] == mode) and \
+                int(fields[4].rsplit(":", 1)[1]) == inode:
+            pids.append(int(fields[3]))
     return pids
 
 
@@ -160,6 +177,19 @@ def process_tree(pid):
     return tree
 
 
+def freeze(pid):
+    """SIGSTOP ``pid`` and all its descendants (again until no new one appears); their pids."""
+    frozen = set()
+    while True:
+        new = [p for p in process_tree(pid) if p not in frozen]
+        if not new:
+            return sorted(frozen)
+        for p in new:
+            with contextlib.suppress(ProcessLookupError):     # a child that just exited
+                os.kill(p, signal.SIGSTOP)
+            frozen.add(p)
+
+
 def slurm_task_of(pid) -> str:
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     found = dict(v.decode(errors="replace").split("=", 1) for v in env if b"=" in v)
@@ -178,9 +208,7 @@ def test_scancel_while_creating(nonroot, slurm, origin):
     # ...and is frozen as soon as udocker's container directory appears: mid-create
     wait_until(array.container_dirs, 120, interval=0.01,
                what="udocker's container directory to appear")
-    frozen = process_tree(creator[0])
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
+    frozen = freeze(creator[0])
     assert array.cache_entries() == [], "creation finished before it could be cancelled"
     assert slurm.job_states(f"{job}_{task}").get(f"{job}_{task}") == "RUNNING"
     nonroot.run(["scancel", f"{job}_{task}"], env=slurm.env)
