@@ -152,8 +152,9 @@ def flock_holders(path: Path, mode: str = "WRITE", waiting: bool = False):
         if (fields[0] == "->") != waiting:
             continue
         fields = fields[1:] if waiting else fields
-        if fields[:2] == ["FLOCK", "ADVISORY"] and (mode is None or fields[2] == mode) and \
-                int(fields[4].rsplit(":", 1)[1]) == inode:
+        if len(fields) > 4 and fields[:2] == ["FLOCK", "ADVISORY"] and \
+                (mode is None or fields[2] == mode) and \
+                fields[4].rsplit(":", 1)[-1] == str(inode):
             pids.append(int(fields[3]))
     return pids
 
