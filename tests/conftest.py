@@ -7,6 +7,7 @@ All components are real (see tests/fixtures/). Session fixtures:
 - ``token_registry``  Bearer-token registry (``.issuer`` is the TokenIssuer) with the images
 - ``dockerd``         a private Docker Engine (skips with a reason if not root / not installed)
 - ``nonroot``         a UserRunner running commands as the non-root user ``udtest``
+- ``slurm``           a real single-node Slurm cluster (fails, never skips, if it cannot start)
 - ``git_home``        the isolated HOME (with .gitconfig) every test runs with
 
 Function fixtures: ``fault_proxy`` (FaultProxy in front of ``registry``), ``token_issuer``
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixtures.dockerd import start_dockerd_or_skip  # noqa: E402
 from fixtures.proxy import FaultProxy  # noqa: E402
 from fixtures.registry import Registry  # noqa: E402
+from fixtures.slurm import SlurmCluster, slurm_unavailable_reason  # noqa: E402
 from fixtures.users import GITCONFIG, UserRunner  # noqa: E402
 from fixtures.util import REPO_ROOT  # noqa: E402
 
@@ -56,7 +58,7 @@ def pytest_configure(config):
 # Fixtures that start servers, datasets or user processes: a test using any of them is in
 # the slow tier.  ``pytest -m "not slow"`` runs the fast tier (pure parts, no servers).
 SLOW_FIXTURES = {"registry", "basic_registry", "token_registry", "make_registry", "fault_proxy",
-                 "token_issuer", "dockerd", "nonroot", "ds"}
+                 "token_issuer", "dockerd", "nonroot", "ds", "slurm"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -181,6 +183,20 @@ def nonroot():
     runner = UserRunner()
     yield runner
     shutil.rmtree(runner.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node Slurm cluster (``.env`` has ``SLURM_CONF``), stopped at the end.
+
+    Fails (never skips) when it cannot start: the CI runs as root with slurm-wlm and munge.
+    """
+    reason = slurm_unavailable_reason()
+    if reason:
+        pytest.fail(f"no Slurm cluster: {reason}", pytrace=False)
+    cluster = SlurmCluster().start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the test suite needs, idempotently, on Debian 12:
 #   1. Debian packages (only if some are missing; `apt-get update` first then),
-#      without letting their services start (docker-registry, dockerd are started by the tests);
+#      without letting their services start (docker-registry, dockerd, munged, slurmctld and
+#      slurmd are started by the tests);
 #   2. a virtualenv at <repo>/.venv made with /usr/bin/python3 (usable by non-root users)
 #      with `pip install -e '.[test,docs]'`.
 # Run as root, or as a user with sudo. Safe to run again: it only does what is missing.
@@ -10,8 +11,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo/.venv"
 packages=(git git-annex proot fakechroot patchelf runc docker-registry skopeo umoci docker.io
-          busybox-static zstd apache2-utils python3 python3-venv)
-services=(docker-registry docker docker.socket containerd)
+          busybox-static zstd apache2-utils python3 python3-venv slurm-wlm munge)
+services=(docker-registry docker docker.socket containerd munge slurmctld slurmd)
 
 say() { printf 'install.sh: %s\n' "$*"; }
 
