@@ -108,9 +108,15 @@ def udocker_dir(dataset=None):
     # the environment first: no git call when it is set
     value = os.environ.get("DATALAD_UDOCKER_DIR") or get("dir", None, dataset)
     if not value:
-        cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-        value = os.path.join(cache, "datalad-udocker", "udocker")
+        value = os.path.join(cache_dir(), "udocker")
     return os.path.abspath(os.path.expanduser(value))
+
+
+def cache_dir():
+    """The user's ``datalad-udocker`` cache directory (XDG), absolute."""
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return os.path.abspath(os.path.expanduser(
+        os.path.join(cache, "datalad-udocker")))
 
 
 def execmode(dataset=None):

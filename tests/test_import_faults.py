@@ -20,10 +20,10 @@ from checks import assert_valid_layout, dataset_state, git, imp
 pytestmark = pytest.mark.timeout(300)
 
 
-def assert_fails_cleanly(ds, ref, expect, **kw):
+def assert_fails_cleanly(ds, ref, expect, status="error", **kw):
     before = dataset_state(ds.path)
     res = imp(ds, ref, **kw)
-    assert res["status"] == "error", res
+    assert res["status"] == status, res
     assert expect in res["message"], res["message"]
     assert "\n" not in res["message"]
     assert dataset_state(ds.path) == before
@@ -50,16 +50,16 @@ def assert_no_secret(ds, secret):
 # --- bad input ---------------------------------------------------------------
 
 @pytest.mark.parametrize("ref,expect", [
-    ("test/nope:1", "not found"),
-    ("test/multi:nope", "not found"),
+    ("test/nope:1", "test/nope not found"),
+    ("test/multi:nope", "test/multi has no tag 'nope'; its tags: 1, 2"),
 ])
 def test_unknown_image_or_tag(ds, registry, ref, expect):
-    assert_fails_cleanly(ds, f"{registry.host}/{ref}", expect)
+    assert_fails_cleanly(ds, f"{registry.host}/{ref}", expect, "impossible")
 
 
 @pytest.mark.parametrize("ref", ["UPPER/case", "a:b:c:d", "repo@sha256:abc", ""])
 def test_invalid_reference(ds, ref):
-    assert_fails_cleanly(ds, ref, "invalid")
+    assert_fails_cleanly(ds, ref, "invalid", "impossible")
 
 
 def test_bad_target_paths(ds, registry, tmp_path):
@@ -76,7 +76,7 @@ def test_dataset_without_annex(tmp_path, registry):
 def test_no_matching_platform_lists_platforms(ds, registry):
     res = assert_fails_cleanly(ds, registry.images["test/multiarch:1"].reference,
                                "linux/amd64, linux/arm64, linux/arm/v7",
-                               platform="linux/s390x")
+                               "impossible", platform="linux/s390x")
     assert "--platform" in res["message"]
 
 
@@ -248,8 +248,8 @@ def test_cli_error_is_one_line_and_nonzero(ds, registry):
     proc = subprocess.run(["datalad", "udocker-import", f"{registry.host}/test/single:nope"],
                           cwd=ds.path, capture_output=True, text=True)
     assert proc.returncode != 0
-    lines = [l for l in proc.stdout.splitlines() if "udocker_import(error)" in l]
-    assert len(lines) == 1 and "not found" in lines[0] and "check the image name" in lines[0]
+    lines = [l for l in proc.stdout.splitlines() if "udocker_import(impossible)" in l]
+    assert len(lines) == 1 and "has no tag 'nope'; its tags: 1" in lines[0]
     assert "Traceback" not in proc.stderr
     assert dataset_state(ds.path) == before
 

@@ -143,7 +143,7 @@ def test_reference_with_password_is_refused_without_echo(ds, registry, typed):
     text = typed.format(user="alice", pw=pw, host=registry.host)
     before = dataset_state(ds.path)
     res = imp(ds, text)
-    assert res["status"] == "error"
+    assert res["status"] == "impossible"
     assert "docker login" in res["message"] and "credentials" in res["message"]
     assert "\n" not in res["message"]
     assert pw not in repr(res)

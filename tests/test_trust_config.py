@@ -273,7 +273,7 @@ def containers(victim):
     got = victim.run([PY, "-c", (
         "import json; from datalad.api import udocker_containers as u\n"
         "print(json.dumps([[r['name'], r['container_id'], r['path']] "
-        "for r in u(result_renderer='disabled')]))")])
+        "for r in u(result_renderer='disabled') if r['status'] == 'ok']))")])
     return json.loads(got.stdout.splitlines()[-1])
 
 

@@ -9,10 +9,12 @@ from datalad.distribution.dataset import (
 from datalad.interface.base import Interface, build_doc, eval_results
 from datalad.interface.results import get_status_dict
 from datalad.support.constraints import EnsureChoice, EnsureNone, EnsureStr
+from datalad.support.exceptions import CapturedException
 from datalad.support.param import Parameter
 
 from ..errors import UdockerError
 from ..archive.export import FORMATS, export_image, export_to_file, missing_layers
+from .results import failure, render_result
 
 lgr = logging.getLogger("datalad.udocker.export")
 
@@ -53,7 +55,7 @@ def reserved_stdout():
 
 @build_doc
 class UdockerExport(Interface):
-    """Export an image stored in the dataset for ``docker load`` (or as OCI).
+    """Export an image stored in the dataset for docker load, or as OCI.
 
     NAME_OR_PATH is a container name registered in the dataset (by
     ``datalad udocker-import``) or the path of an image directory.  Layers
@@ -102,20 +104,22 @@ class UdockerExport(Interface):
             with reserved_stdout() as out:
                 yield from _export(ds, name, dataset, output, format, out, res)
 
+    custom_result_renderer = staticmethod(render_result)
+
 
 def _export(ds, name, dataset, output, fmt, stream, res):
     """Resolve, get missing layers, write; yield one result record."""
     try:
         layout, label = resolve_image(ds, name, dataset)
-    except UdockerError as exc:
+    except UdockerError as exc:     # an unknown name: the user's to fix
         yield get_status_dict(status="impossible", path=ds.path,
-                              message=str(exc), **res)
+                              message=str(exc),
+                              exception=CapturedException(exc), **res)
         return
     try:
         missing = missing_layers(layout)
     except UdockerError as exc:
-        yield get_status_dict(status="error", path=layout, message=str(exc),
-                              **res)
+        yield failure(exc, path=layout, **res)
         return
     if missing:
         failed = [r for r in ds.get([str(p) for p in missing],
@@ -138,7 +142,8 @@ def _export(ds, name, dataset, output, fmt, stream, res):
             export_to_file(layout, dest, fmt)
     except (UdockerError, OSError) as exc:
         yield get_status_dict(status="error", path=dest or layout,
-                              message="export failed: %s" % exc, **res)
+                              message="export failed: %s" % exc,
+                              exception=CapturedException(exc), **res)
         return
     if stream:
         yield get_status_dict(status="ok", path=layout, type="directory",

@@ -14,6 +14,7 @@ from ..reference import parse_reference
 from ..registry.client import RegistryClient
 from ..registry.source import registry_image_source
 from ..dataset.store import store_image
+from .results import failure, render_result
 
 lgr = logging.getLogger("datalad.udocker.import")
 
@@ -53,8 +54,14 @@ class UdockerImport(Interface):
     The image is registered with datalad-container under NAME, so that
     ``datalad containers-run -n NAME CMD`` runs it with udocker.
 
-    Importing the same image again does nothing; importing a newer tag to the
-    same PATH updates the layout and reuses unchanged layers.
+    Importing the same image again does nothing (and says so: status
+    notneeded); importing a newer tag to the same PATH updates the layout and
+    reuses unchanged layers.  The result names the platform that was stored
+    (from a multi-platform image: this machine's, or --platform).
+
+    A reference the registry does not know fails with status impossible,
+    saying whether the repository is missing or only the tag (listing tags
+    the repository has).
     """
 
     _params_ = dict(
@@ -95,17 +102,20 @@ class UdockerImport(Interface):
         target = str(resolve_path(path, dataset)) if path else None
         try:
             image = open_image_source(ds, ref, platform, source_ref)
+            chosen = str(oci.parse_config(image.config_raw).platform) \
+                or "unknown"
             outcome = store_image(ds, image, target, name,
                                   jobs=config.download_jobs(ds))
         except UdockerError as exc:
-            yield get_status_dict(
-                action="udocker_import", ds=ds, path=target or ds.path,
-                type="dataset" if not target else "directory",
-                status="error", message=str(exc), logger=lgr)
+            yield failure(exc, "udocker_import", target or ds.path, lgr,
+                          type="directory" if target else "dataset")
             return
         yield get_status_dict(
             action="udocker_import", ds=ds, path=outcome.path,
-            type="directory", status=outcome.status, message=outcome.message,
+            type="directory", status=outcome.status,
+            message="%s; platform %s" % (outcome.message, chosen),
             container_name=outcome.name, manifest_digest=outcome.manifest_digest,
-            layers_downloaded=outcome.downloaded, layers_reused=outcome.reused,
-            notes=list(image.notes), logger=lgr)
+            platform=chosen, layers_downloaded=outcome.downloaded,
+            layers_reused=outcome.reused, notes=list(image.notes), logger=lgr)
+
+    custom_result_renderer = staticmethod(render_result)

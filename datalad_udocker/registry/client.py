@@ -9,6 +9,7 @@ Blob URLs (``{scheme}://{host}/v2/{repository}/blobs/{digest}``) are what an
 import registers in git-annex; :func:`parse_blob_url` and
 :meth:`RegistryClient.for_url` turn one back into a client and a token scope.
 """
+import json
 import logging
 import os
 import re
@@ -195,7 +196,11 @@ class RegistryClient:
         manifest must match an explicitly requested platform.
         """
         repo = ref.repository
-        top = self.get_manifest(repo, ref.reference, expected_digest=ref.digest)
+        try:
+            top = self.get_manifest(repo, ref.reference,
+                                    expected_digest=ref.digest)
+        except NotFoundError as exc:
+            raise self._not_found(ref, exc) from None
         chosen = None
         if isinstance(top, oci.Index):
             entry = top.select(platform or oci.host_platform())
@@ -214,6 +219,42 @@ class RegistryClient:
             self._check_single_platform(ref, platform, config.platform)
         oci.check_layers_supported(manifest)
         return ResolvedImage(top, manifest, chosen, config_raw)
+
+    def list_tags(self, repository, limit=100):
+        """Up to ``limit`` tags of ``repository``, as the registry's
+        ``tags/list`` answers (NotFoundError: no such repository)."""
+        url = "%s/v2/%s/tags/list?n=%d" % (self.base_url, repository, limit)
+        resp = self.transport.request("GET", url, scope=pull_scope(repository),
+                                      stream=True)
+        raw = _read_limited(resp, MAX_MANIFEST_BYTES, "tag list of %s"
+                            % repository)
+        try:
+            tags = json.loads(raw).get("tags") or []
+            return [str(t) for t in tags][:limit]
+        except (ValueError, AttributeError, TypeError):
+            raise UdockerError("registry %s sent a malformed tag list for %s"
+                               % (self.registry, repository)) from None
+
+    def _not_found(self, ref, exc):
+        """A NotFoundError for ``ref`` saying what is missing: the tag (or
+        digest) of a repository the registry lists tags for, or the
+        repository itself."""
+        repo = "%s/%s" % (self.registry, ref.repository)
+        try:
+            tags = sorted(self.list_tags(ref.repository))
+        except NotFoundError:
+            msg = ("repository %s not found (%s); check the image name"
+                   % (repo, ", ".join(exc.codes) or "HTTP %s" % exc.status))
+        except UdockerError:
+            msg = str(exc)       # tags unknown: get_manifest's own words
+        else:
+            shown = ", ".join(tags[:10]) + (
+                " and more" if len(tags) > 10 else "") or "none"
+            what = ("manifest %s" % ref.digest if ref.digest
+                    else "tag %r" % ref.reference)
+            msg = "%s has no %s; its tags: %s" % (repo, what, shown)
+        return NotFoundError(msg, status=exc.status, codes=exc.codes,
+                             url=exc.url)
 
     @staticmethod
     def _check_single_platform(ref, wanted, have):

@@ -285,6 +285,7 @@ class Runtime:
             fcntl.flock(fd, fcntl.LOCK_EX)
             entry = self._load(name)
             if entry is None:
+                remember_udocker_dir(self.udocker_dir)
                 entry = self._create(name, layout, fetch)
             fcntl.flock(fd, fcntl.LOCK_SH)
         return entry
@@ -396,6 +397,50 @@ def _drop_runc_spec(fd, container_path):
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(container_path, "config.json"))
+
+
+def disk_usage(path):
+    """Bytes on disk under ``path`` (symlinks not followed, each hard-linked
+    file counted once, unreadable parts skipped)."""
+    seen, total = set(), 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if st.st_nlink > 1:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def _known_dirs_file():
+    return Path(config.cache_dir()) / "dirs"
+
+
+def known_udocker_dirs():
+    """The udocker directories containers were ever created in by this user
+    (``datalad.udocker.dir`` may have changed since), oldest first."""
+    try:
+        lines = _known_dirs_file().read_text().splitlines()
+    except OSError:
+        return []
+    return list(dict.fromkeys(ln for ln in lines if ln.startswith("/")))
+
+
+def remember_udocker_dir(udocker_dir):
+    """Add ``udocker_dir`` to :func:`known_udocker_dirs`; never fails."""
+    udocker_dir = str(udocker_dir)
+    if "\n" in udocker_dir or udocker_dir in known_udocker_dirs():
+        return
+    with contextlib.suppress(OSError):
+        path = _known_dirs_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:          # one short line: one write
+            f.write(udocker_dir + "\n")
 
 
 def plan_mounts(dataset, cwd=None):

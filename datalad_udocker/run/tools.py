@@ -411,6 +411,8 @@ def udocker_environment(udocker_dir, tool_env, bin_dir=None):
     env.update(tool_env)
     env["UDOCKER_DIR"] = str(udocker_dir)
     env["UDOCKER_TARBALL"] = ""          # never download the tools tarball
+    # a relative keystore (the default) makes udocker create ~/.udocker
+    env["UDOCKER_KEYSTORE"] = os.path.join(str(udocker_dir), "keystore")
     path = env.get("PATH", os.defpath)
     if bin_dir:
         path = str(bin_dir) + os.pathsep + path
