@@ -25,7 +25,6 @@ leave the archive, duplicate names, and truncated or corrupt tars, then hands
 out members by name.  Digests and diff_ids are checked by
 :mod:`.source`.
 """
-import hashlib
 import io
 import json
 import posixpath
@@ -33,7 +32,7 @@ import re
 import tarfile
 
 from .. import oci
-from ..digest import CHUNK
+from ..digest import HashingReader, sha256_digest
 from ..errors import ArchiveError, DigestMismatch, UdockerError
 from .oci_archive import (ANNOTATION_CONTAINERD_NAME, MAX_JSON,  # noqa: F401
                           ArchiveImage, ArchiveLayer, _normalize,
@@ -207,10 +206,10 @@ def read_docker_archive(reader, wanted=None):
         raise ArchiveError("%s: config lists %d diff_ids but manifest.json "
                            "%d layers" % (where, len(diff_ids),
                                           len(entry["Layers"])))
-    config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+    config_digest = sha256_digest(config_raw)
     named = re.match(r"^(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?$",
                      _normalize(entry["Config"]))
-    if named and named.group(1) != config_digest.split(":", 1)[1]:
+    if named and named.group(1) != config_digest.hex:
         raise ArchiveError("%s: config %s does not hash to its name (corrupt "
                            "archive)" % (where, entry["Config"]))
     manifest, annotations = _indexed_manifest(reader, config_digest)
@@ -252,7 +251,6 @@ def _indexed_manifest(reader, config_digest):
             else []:
         try:
             desc = oci.Descriptor.from_dict(entry)
-            check_digest(desc.digest, "index.json")
             blob = "blobs/sha256/" + desc.hex
             if not reader.exists(blob):
                 continue
@@ -277,21 +275,6 @@ def _tarinfo(name, size):
 
 def _add_bytes(tar, name, data):
     tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-
-
-class _HashingReader:
-    def __init__(self, f):
-        self._f, self._h, self.count = f, hashlib.sha256(), 0
-
-    def read(self, n=-1):
-        data = self._f.read(n if n and n > 0 else CHUNK)
-        self._h.update(data)
-        self.count += len(data)
-        return data
-
-    @property
-    def digest(self):
-        return "sha256:" + self._h.hexdigest()
 
 
 def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
@@ -323,14 +306,14 @@ def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
     try:
         _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
         _add_bytes(tar, blob(manifest.config.hex), config_raw)
-        _add_bytes(tar, blob(manifest.digest.split(":", 1)[1]), manifest.raw)
+        _add_bytes(tar, blob(manifest.digest.hex), manifest.raw)
         seen = set()
         for layer in manifest.layers:
             if layer.digest in seen:
                 continue
             seen.add(layer.digest)
             with open(layer_paths[layer.digest], "rb") as f:
-                reader = _HashingReader(f)
+                reader = HashingReader(f)
                 try:
                     tar.addfile(_tarinfo(blob(layer.hex), layer.size), reader)
                 except OSError as exc:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .. import oci
-from ..errors import ArchiveError, InvalidReference, UdockerError
+from ..digest import Digest
+from ..errors import ArchiveError, InvalidDigest, InvalidReference, UdockerError
 from ..reference import parse_reference
 
-HEX_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 MAX_JSON = 64 << 20          # refuse absurd JSON members (manifest, config)
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 
@@ -70,10 +70,12 @@ def _normalize(name, what="member"):
 
 
 def check_digest(digest, where):
-    if not isinstance(digest, str) or not HEX_DIGEST_RE.match(digest):
+    """``digest`` as a Digest, else ArchiveError naming ``where``."""
+    try:
+        return Digest(digest)
+    except InvalidDigest:
         raise ArchiveError("%s: unsupported or malformed digest %r (only "
-                           "sha256 is supported)" % (where, digest))
-    return digest
+                           "sha256 is supported)" % (where, digest)) from None
 
 
 # --- choosing an image by name -------------------------------------------
@@ -178,7 +180,6 @@ class DirReader:
 
 
 def _blob(reader, desc, what):
-    check_digest(desc.digest, "%s: %s" % (reader.path, what))
     name = "blobs/sha256/" + desc.hex
     if not reader.exists(name):
         raise ArchiveError("%s: the image refers to %s %s, which is missing "

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .. import oci
-from ..digest import sha256_digest
+from ..digest import Digest, sha256_digest
 from ..errors import LayoutError
 
 OCI_LAYOUT_FILE = {"imageLayoutVersion": "1.0.0"}
@@ -25,8 +25,8 @@ class OCILayout:
 
     # --- paths ---------------------------------------------------------
     def blob_path(self, digest):
-        algo, _, hexpart = digest.partition(":")
-        return self.path / "blobs" / algo / hexpart
+        digest = Digest(digest)
+        return self.path / "blobs" / digest.algorithm / digest.hex
 
     @property
     def index_path(self):
@@ -105,7 +105,7 @@ def write_json_files(path, manifest, config_raw, annotations):
         if sha256_digest(raw) != digest:
             raise LayoutError("refusing to write blob %s: bytes do not match"
                               % digest)
-        p = path / "blobs" / "sha256" / digest.split(":", 1)[1]
+        p = OCILayout(path).blob_path(digest)
         _write_atomic(p, raw)
         written.append(p)
     desc = oci.Descriptor(manifest.media_type, manifest.digest,

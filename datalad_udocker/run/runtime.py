@@ -44,7 +44,8 @@ from ..errors import LayoutError, RuntimeError_
 from ..dataset.layout import OCILayout
 from .udocker_cli import CommandNotFound, UdockerCLI
 from .safe_delete import remove_tree
-from .udocker_repo import REPO_PREFIX, STATE_DIR, UdockerRepo, missing_blobs
+from ..digest import hex_part
+from .udocker_repo import STATE_DIR, UdockerRepo, missing_blobs, repo_digest
 from .tools import EXEC_MODES, check_execmode, find_tools
 
 __all__ = ["run_image", "RunResult", "Runtime", "CachedContainer",
@@ -79,7 +80,7 @@ class CachedContainer:
 
 
 def container_name(manifest_digest, execmode):
-    return "%s%s-%s" % (NAME_PREFIX, manifest_digest.partition(":")[2],
+    return "%s%s-%s" % (NAME_PREFIX, hex_part(manifest_digest),
                         execmode.lower())
 
 
@@ -168,11 +169,11 @@ class Runtime:
                     repo = f.read(200)
             except OSError:
                 continue
-            hexpart = repo.partition(":")[0].partition(REPO_PREFIX + "/")[2]
-            if not repo.startswith(REPO_PREFIX + "/") or len(hexpart) != 64:
+            digest = repo_digest(repo)
+            if digest is None:
                 continue
             created = item.stat(follow_symlinks=False).st_mtime
-            found.append(CachedContainer(item.name, "", "sha256:" + hexpart,
+            found.append(CachedContainer(item.name, "", digest,
                                          "", "", created, 0.0, item.path))
         return found
 
