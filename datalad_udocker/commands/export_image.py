@@ -12,7 +12,8 @@ from datalad.support.constraints import EnsureChoice, EnsureNone, EnsureStr
 from datalad.support.param import Parameter
 
 from ..errors import UdockerError
-from ..archive.export import FORMATS, export_image, export_to_file, missing_layers
+from ..archive.export import FORMATS, export_image, export_to_file
+from ..dataset.local import datalad_get, ensure_local
 
 lgr = logging.getLogger("datalad.udocker.export")
 
@@ -112,23 +113,11 @@ def _export(ds, name, dataset, output, fmt, stream, res):
                               message=str(exc), **res)
         return
     try:
-        missing = missing_layers(layout)
+        ensure_local(layout, datalad_get(ds))
     except UdockerError as exc:
         yield get_status_dict(status="error", path=layout, message=str(exc),
                               **res)
         return
-    if missing:
-        failed = [r for r in ds.get([str(p) for p in missing],
-                                    result_renderer="disabled",
-                                    return_type="generator",
-                                    on_failure="ignore")
-                  if r.get("status") in ("error", "impossible")]
-        if failed:
-            yield get_status_dict(
-                status="error", path=layout, message=(
-                    "cannot get layer content of %s: %s" % (
-                        label, failed[0].get("message"))), **res)
-            return
     dest = None if stream else os.path.abspath(output or "%s.tar" % label)
     try:
         if stream:

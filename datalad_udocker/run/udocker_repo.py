@@ -82,17 +82,6 @@ def repo_digest(name):
         return None
 
 
-def missing_blobs(layout):
-    """Descriptors of the layout's layers/config whose content is not present.
-
-    A layer that git-annex has not fetched yet is a dangling symlink: this is
-    how the runtime decides whether to ``datalad get`` the image first.
-    """
-    manifest = layout.manifest()
-    return [d for d in (manifest.config,) + tuple(manifest.layers)
-            if not layout.blob_path(d.digest).exists()]
-
-
 class UdockerRepo:
     """udocker's ``repos/`` directory under ``udocker_dir``, fed from OCI layouts."""
 
