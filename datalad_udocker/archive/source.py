@@ -31,8 +31,7 @@ from .oci_archive import DirReader, read_oci_layout
 from ..reference import parse_reference
 from ..registry.source import source_annotations
 from ..source import ImageSource, LayerSource
-
-TRANSPORTS = ("docker-archive", "oci-archive", "oci")
+from ..transports import LOCAL_TRANSPORTS as TRANSPORTS
 _OCI_LAYER = {None: "application/vnd.oci.image.layer.v1.tar",
               "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
               "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
