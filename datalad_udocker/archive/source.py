@@ -24,10 +24,11 @@ import zlib
 
 from .. import oci
 from ..digest import CHUNK, Hasher, VerifyingWriter, sha256_digest
-from .docker_archive import TarReader, read_docker_archive
+from .docker_archive import read_docker_archive
 from ..errors import (ArchiveError, DigestMismatch, InvalidReference,
                      UdockerError)
-from .oci_archive import DirReader, read_oci_layout
+from ..members import DirReader, TarReader
+from .oci_archive import read_oci_layout
 from ..reference import parse_reference
 from ..registry.source import source_annotations
 from ..source import ImageSource, LayerSource
@@ -62,8 +63,7 @@ def open_source(spec, source_ref=None, client_factory=None, platform=None):
     Raises ArchiveError (or another UdockerError) with a one-line message.
     """
     transport, path, wanted = parse_spec(spec)
-    reader = DirReader(path) if transport == "oci" else TarReader(path)
-    with reader:
+    with _members(transport, path) as reader:
         if transport == "docker-archive":
             image = read_docker_archive(reader, wanted)
         else:
@@ -84,6 +84,11 @@ def open_source(spec, source_ref=None, client_factory=None, platform=None):
                              "from the archive, without URLs" % (ref, exc))
             return src
     return local.image_source()
+
+
+def _members(transport, path):
+    """The member reader of a local source: a directory or a tar."""
+    return DirReader(path) if transport == "oci" else TarReader(path)
 
 
 # --- verification --------------------------------------------------------
@@ -185,10 +190,9 @@ def verify_layer(reader, layer):
 def _copy_fetch(transport, path, member, digest, size):
     """fetch(dest, progress) copying a member/file into dest, verified."""
     def fetch(dest, progress):
-        reader = DirReader(path) if transport == "oci" else TarReader(path)
         if os.path.exists(dest):     # a local copy is never resumed
             os.unlink(dest)
-        with reader, reader.open(member) as src, \
+        with _members(transport, path) as reader, reader.open(member) as src, \
                 VerifyingWriter(dest, digest, size) as out:
             for chunk in iter(lambda: src.read(CHUNK), b""):
                 out.write(chunk)
