@@ -32,7 +32,7 @@ import tarfile
 
 from .. import oci
 from ..dataset.layout import OCILayout, blob_name, layout_files
-from ..digest import HashingReader, sha256_digest
+from ..digest import Digest, HashingReader, sha256_digest
 from ..errors import ArchiveError, DigestMismatch, UdockerError
 from ..members import TarReader, normalize  # noqa: F401 (TarReader: re-export)
 from .oci_archive import (ANNOTATION_CONTAINERD_NAME, ArchiveImage,
@@ -87,7 +87,7 @@ def read_docker_archive(reader, wanted=None):
                              size=reader.size(member))
         m = re.match(r"^blobs/sha256/([0-9a-f]{64})$", layer.member)
         if m:   # Docker >= 25: the blob's name is its digest (verified later)
-            layer.digest = "sha256:" + m.group(1)
+            layer.digest = Digest("sha256:" + m.group(1))
             if layer.digest in declared:
                 layer.media_type = declared[layer.digest].media_type
         layers.append(layer)

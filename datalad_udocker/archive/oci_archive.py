@@ -13,7 +13,6 @@ It also holds what every local image source shares: the
 :class:`ArchiveImage` a reader returns and choosing one image by name
 (:func:`choose`).
 """
-import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -47,10 +46,6 @@ class ArchiveImage:
     manifest: Optional[oci.Manifest] = None   # the stored manifest, if any
     annotations: Dict[str, str] = field(default_factory=dict)
     repo_digests: List[str] = field(default_factory=list)
-
-    @property
-    def config(self):
-        return json.loads(self.config_raw)
 
 
 # --- choosing an image by name -------------------------------------------
