@@ -8,12 +8,12 @@ whether it is a directory or a tar.  :class:`DirReader` and
 it is.  Member names are checked like archive paths (:func:`normalize`);
 nothing is ever extracted or written.
 """
+import io
 import json
 import os
 import posixpath
 import re
 import tarfile
-import io
 
 from .errors import ArchiveError
 

@@ -1,8 +1,10 @@
-"""The one digest type and the one OCI layout reader, on their own (no servers).
+"""The one digest type, OCI layout reader, ensure_local and transport table,
+on their own (no servers).
 
 A digest is checked once, when a descriptor is made, whoever makes it; the
 OCI layout reader serves a dataset's layout (LayoutError) and an image source
-(ArchiveError) alike, and parses the config it hands out.
+(ArchiveError) alike, and parses the config it hands out; ensure_local gets
+what is missing or says in one line what is not there.
 """
 import json
 
@@ -13,9 +15,11 @@ from fixtures import images as im
 from datalad_udocker import oci
 from datalad_udocker.archive.oci_archive import read_oci_layout
 from datalad_udocker.dataset.layout import OCILayout, blob_name
+from datalad_udocker.dataset.local import ensure_local
 from datalad_udocker.digest import Digest, HashingReader, sha256_digest
 from datalad_udocker.errors import ArchiveError, InvalidDigest, LayoutError
 from datalad_udocker.members import DirReader
+from datalad_udocker.transports import TRANSPORTS, split_transport
 
 HEX = "ab" * 32
 
@@ -88,3 +92,36 @@ def test_a_config_that_is_not_an_image_config_is_one_clear_error(tmp_path, confi
     assert "\n" not in str(err.value)
     with DirReader(layout) as reader, pytest.raises(ArchiveError, match="config"):
         read_oci_layout(reader)
+
+
+def test_ensure_local_fetches_what_is_missing_and_says_what_is_not(tmp_path):
+    layout = OCILayout(_layout(tmp_path))
+    blob = layout.blob_path(layout.manifest().layers[0].digest)
+    data = blob.read_bytes()
+    blob.unlink()
+    with pytest.raises(LayoutError, match="not present.*datalad get") as err:
+        ensure_local(layout)
+    assert layout.manifest().layers[0].digest in str(err.value)
+    with pytest.raises(LayoutError, match="not present.*: no network"):
+        ensure_local(layout, lambda paths: "no network")
+    asked = []
+
+    def fetch(paths):
+        asked.extend(paths)
+        blob.write_bytes(data)
+    assert ensure_local(layout.path, fetch).path == layout.path
+    assert asked == [blob]
+    assert ensure_local(layout, None).path == layout.path    # nothing missing now
+
+
+@pytest.mark.parametrize("spec, transport, rest", [
+    ("busybox", "docker", "busybox"),
+    ("docker://127.0.0.1:5000/a:1", "docker", "127.0.0.1:5000/a:1"),
+    ("oci:/x:tag", "oci", "/x:tag"),
+    ("oci-archive:f.tar", "oci-archive", "f.tar"),
+    ("docker-archive:a.tar:n:t", "docker-archive", "a.tar:n:t"),
+    ("localhost:5000/oci:1", "docker", "localhost:5000/oci:1"),
+])
+def test_one_table_of_transports(spec, transport, rest):
+    assert split_transport(spec) == (transport, rest)
+    assert transport in TRANSPORTS

@@ -62,10 +62,13 @@ def ensure_local(layout, fetch=None):
         if fetch is not None else None
     missing = missing_blobs(layout)
     if missing:
+        if fetch is None:
+            hint = "; get them with `datalad get %s`" % layout.path
+        else:
+            hint = ": " + reason if reason else \
+                "; see `git annex whereis %s`" % layout.path
         raise LayoutError(
             "cannot get layer content of the image in %s: %d blob(s) are not "
             "present and could not be fetched (first: %s)%s" % (
-                layout.path, len(missing), missing[0].digest,
-                ": " + reason if reason else
-                "; see `git annex whereis %s`" % layout.path))
+                layout.path, len(missing), missing[0].digest, hint))
     return layout
