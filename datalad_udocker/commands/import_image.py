@@ -16,6 +16,7 @@ from ..transports import open_image
 
 lgr = logging.getLogger("datalad.udocker.import")
 
+
 def open_image_source(ds, ref, platform=None, source_ref=None):
     """The ImageSource for REF: a registry reference or an archive/OCI dir."""
     insecure = config.insecure_registries(ds)
