@@ -1,7 +1,11 @@
-"""Digests, git-annex keys, and a writer that verifies as bytes pass.
+"""Digests, git-annex keys, and the one place bytes are hashed.
 
 A registry blob ``sha256:<hex>`` of ``<size>`` bytes is the git-annex key
 ``SHA256-s<size>--<hex>``: known from the manifest before a byte is fetched.
+
+A digest read from JSON becomes a :class:`Digest` (checked once, when it is
+parsed); every site that hashes bytes does it through :class:`Hasher`,
+:class:`HashingReader` or :class:`VerifyingWriter` here.
 """
 import hashlib
 import io
@@ -16,8 +20,53 @@ CHUNK = 1 << 20
 MAX_BLOB_SIZE = 1 << 40          # 1 TiB: no real layer comes near it
 
 
+class Digest(str):
+    """A checked ``sha256:<64 hex>`` digest; a ``str`` everywhere else.
+
+    ``Digest(value)`` raises InvalidDigest for anything else (see
+    :func:`check_digest`); a Digest given again is returned as it is.
+    """
+    __slots__ = ()
+
+    def __new__(cls, value, what="digest"):
+        if type(value) is cls:
+            return value
+        return super().__new__(cls, _checked(value, what))
+
+    @property
+    def algorithm(self):
+        return self[:self.index(":")]
+
+    @property
+    def hex(self):
+        return self[self.index(":") + 1:]
+
+
+def hex_part(digest):
+    """The part after ``algorithm:`` of a digest-like string not (yet)
+    checked, e.g. a name read back from our own state files."""
+    return digest.partition(":")[2]
+
+
+class Hasher:
+    """sha256 of the bytes given to :meth:`update`, and their count."""
+
+    def __init__(self):
+        self._hash, self.count = hashlib.sha256(), 0
+
+    def update(self, data):
+        self._hash.update(data)
+        self.count += len(data)
+
+    @property
+    def digest(self):
+        return Digest("sha256:" + self._hash.hexdigest())
+
+
 def sha256_digest(data):
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    hasher = Hasher()
+    hasher.update(data)
+    return hasher.digest
 
 
 def _shown(value):
@@ -30,12 +79,17 @@ def _shown(value):
 
 
 def check_digest(value, what="digest"):
-    """``value`` if it is ``sha256:`` and 64 lowercase hex digits.
+    """``value`` as a :class:`Digest` if it is ``sha256:`` and 64 lowercase
+    hex digits.
 
     Anything else (another type, another algorithm, path or URL characters)
     raises InvalidDigest: a digest read from JSON goes into URLs, file names
     and git-annex keys only after this check.
     """
+    return Digest(value, what)
+
+
+def _checked(value, what):
     if isinstance(value, str) and DIGEST_RE.match(value):
         return value
     if isinstance(value, str) and _ALGORITHM_RE.match(value):
@@ -59,8 +113,7 @@ def check_size(value, what="size"):
 
 def annex_key(digest, size):
     """git-annex SHA256 key for a registry blob."""
-    hexpart = check_digest(digest).split(":", 1)[1]
-    return "SHA256-s%d--%s" % (check_size(size), hexpart)
+    return "SHA256-s%d--%s" % (check_size(size), Digest(digest).hex)
 
 
 def digest_from_key(key):
@@ -68,15 +121,42 @@ def digest_from_key(key):
     m = _KEY_RE.match(key)
     if not m:
         raise ValueError("not a SHA256 blob key: %s" % key)
-    return "sha256:" + m.group(2), int(m.group(1))
+    return Digest("sha256:" + m.group(2)), int(m.group(1))
 
 
 def file_digest(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+        reader = HashingReader(f)
+        reader.drain()
+    return reader.digest
+
+
+class HashingReader:
+    """A binary file object read through :meth:`read`, hashed as it goes.
+
+    :attr:`digest` and :attr:`count` are those of the bytes read so far;
+    :meth:`drain` reads the rest (what a consumer such as a tar reader left).
+    """
+
+    def __init__(self, f):
+        self._f, self._hasher = f, Hasher()
+
+    def read(self, size=-1):
+        data = self._f.read(size)
+        self._hasher.update(data)
+        return data
+
+    def drain(self):
+        for _ in iter(lambda: self.read(CHUNK), b""):
+            pass
+
+    @property
+    def count(self):
+        return self._hasher.count
+
+    @property
+    def digest(self):
+        return self._hasher.digest
 
 
 class VerifyingWriter:
@@ -91,8 +171,7 @@ class VerifyingWriter:
 
     def __init__(self, path, digest, size):
         self.path, self.digest, self.size = path, digest, size
-        self._hash = hashlib.sha256()
-        self.written = 0
+        self._hash = Hasher()
         if path is None:
             self._file = io.BytesIO()
             return
@@ -100,14 +179,16 @@ class VerifyingWriter:
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(CHUNK), b""):
                     self._hash.update(chunk)
-                    self.written += len(chunk)
         except FileNotFoundError:
             pass
         if self.written > size:
-            self.written = 0
-            self._hash = hashlib.sha256()
+            self._hash = Hasher()
             open(path, "wb").close()
         self._file = open(path, "ab")
+
+    @property
+    def written(self):
+        return self._hash.count
 
     def write(self, data):
         if self.written + len(data) > self.size:
@@ -116,14 +197,12 @@ class VerifyingWriter:
                 % (self.digest, self.size))
         self._file.write(data)
         self._hash.update(data)
-        self.written += len(data)
 
     def reset(self):
         """Forget everything written: start again from byte 0."""
         self._file.seek(0)
         self._file.truncate()
-        self._hash = hashlib.sha256()
-        self.written = 0
+        self._hash = Hasher()
 
     def getvalue(self):
         """The bytes written (in-memory writers only)."""
@@ -135,7 +214,7 @@ class VerifyingWriter:
 
     def verify(self):
         self._file.flush()
-        got = "sha256:" + self._hash.hexdigest()
+        got = self._hash.digest
         if self.written != self.size or got != self.digest:
             raise DigestMismatch(
                 "blob %s failed verification (%d of %d bytes, digest %s); "

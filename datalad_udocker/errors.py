@@ -59,12 +59,20 @@ class ArchiveError(UdockerError):
     """A docker-archive / OCI archive is corrupt, unsafe or ambiguous."""
 
 
-class RuntimeError_(UdockerError):
+class RunError(UdockerError):
     """Running an image failed before the command itself ran."""
 
 
-class ToolMissing(RuntimeError_):
+RuntimeError_ = RunError     # the old name, still accepted
+
+
+class ToolMissing(RunError):
     """An execution tool (proot, runc, ...) is not installed."""
+
+
+class CommandNotFound(RunError):
+    """The command (or entrypoint) does not exist in the container."""
+    exit_code = 127
 
 
 class MalformedImage(UnsupportedMediaType):

@@ -8,7 +8,7 @@ import platform as _platform
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-from .digest import check_digest, check_size, sha256_digest
+from .digest import Digest, check_digest, check_size, sha256_digest
 from .errors import (DigestMismatch, MalformedImage, PlatformNotFound,
                      UnsupportedMediaType)
 
@@ -95,12 +95,20 @@ def host_platform():
 
 @dataclass(frozen=True)
 class Descriptor:
+    """A blob's media type, :class:`~.digest.Digest` and size.
+
+    The digest is checked when the descriptor is made (InvalidDigest), so
+    every descriptor holds a Digest whatever made it.
+    """
     media_type: str
-    digest: str
+    digest: Digest
     size: int
     platform: Optional[Platform] = None
     annotations: Dict[str, str] = field(default_factory=dict, hash=False)
     urls: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "digest", Digest(self.digest))
 
     @classmethod
     def from_dict(cls, d, what="descriptor"):
@@ -135,7 +143,7 @@ class Descriptor:
 
     @property
     def hex(self):
-        return self.digest.split(":", 1)[1]
+        return self.digest.hex
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,7 @@ class Manifest:
     config: Descriptor
     layers: Tuple[Descriptor, ...]
     raw: bytes
-    digest: str
+    digest: Digest
 
     def blobs(self):
         return (self.config,) + self.layers
@@ -157,7 +165,7 @@ class Index:
     media_type: str
     manifests: Tuple[Descriptor, ...]
     raw: bytes
-    digest: str
+    digest: Digest
 
     def platforms(self):
         return [str(m.platform) for m in self.manifests if m.platform]
@@ -273,9 +281,15 @@ _RUN_FIELDS = {"Env": "strings", "Entrypoint": "strings", "Cmd": "strings",
 
 
 def parse_config(raw, what="image config"):
-    """Parse image config bytes into an ImageConfig, else MalformedImage."""
+    """Parse image config bytes into an ImageConfig, else MalformedImage.
+
+    The platform is read here only: a config without ``os`` is a Linux
+    image, as Docker takes it.
+    """
     doc = load_json_object(raw, what)
     platform = Platform.from_dict(doc, what)
+    if not platform.os:
+        platform = Platform("linux", platform.architecture, platform.variant)
     rootfs = doc.get("rootfs")
     if not isinstance(rootfs, dict):
         raise MalformedImage("malformed %s: no rootfs object (a well-formed image "

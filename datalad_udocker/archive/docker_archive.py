@@ -19,161 +19,25 @@ stored (compressed registry blobs; ``docker load`` decompresses them), so an
 export can go to a pipe.  With ``fmt="oci-archive"`` only the OCI layout part
 is written.
 
-Reading never extracts anything: :class:`TarReader` indexes the members,
-refuses absolute paths, ``..`` components, device nodes and FIFOs, links that
-leave the archive, duplicate names, and truncated or corrupt tars, then hands
-out members by name.  Digests and diff_ids are checked by
-:mod:`.source`.
+Reading never extracts anything: :class:`..members.TarReader` indexes the
+members, refuses absolute paths, ``..`` components, device nodes and FIFOs,
+links that leave the archive, duplicate names, and truncated or corrupt tars,
+then hands out members by name.  The OCI part is read and written by
+:mod:`..dataset.layout`.  Digests and diff_ids are checked by :mod:`.source`.
 """
-import hashlib
 import io
 import json
-import posixpath
 import re
 import tarfile
 
 from .. import oci
-from ..digest import CHUNK
+from ..dataset.layout import OCILayout, blob_name, layout_files
+from ..digest import Digest, HashingReader, sha256_digest
 from ..errors import ArchiveError, DigestMismatch, UdockerError
-from .oci_archive import (ANNOTATION_CONTAINERD_NAME, MAX_JSON,  # noqa: F401
-                          ArchiveImage, ArchiveLayer, _normalize,
-                          check_digest, choose, normalize_name,
+from ..members import TarReader, normalize  # noqa: F401 (TarReader: re-export)
+from .oci_archive import (ANNOTATION_CONTAINERD_NAME, ArchiveImage,
+                          ArchiveLayer, choose, normalize_name,
                           read_oci_layout)
-
-# --- safe reading ---------------------------------------------------------
-
-class TarReader:
-    """Random read access to the members of a tar file, checked for safety."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        try:
-            self._tar = tarfile.open(self.path, "r:*")
-            infos = self._tar.getmembers()
-        except FileNotFoundError:
-            raise ArchiveError("archive %s does not exist" % self.path)
-        except IsADirectoryError:
-            raise ArchiveError("%s is a directory, not an archive (use "
-                               "oci:DIR for an OCI layout)" % self.path)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise ArchiveError("%s is not a readable tar archive (truncated "
-                               "or corrupt?): %s" % (self.path, exc))
-        self._members = {}
-        for info in infos:
-            name = _normalize(info.name)
-            if info.isdir():
-                continue
-            if not (info.isreg() or info.issym() or info.islnk()):
-                raise ArchiveError(
-                    "unsafe archive %s: member %r is a device node, FIFO or "
-                    "other special file" % (self.path, info.name))
-            if name in self._members:
-                raise ArchiveError("ambiguous archive %s: member %r appears "
-                                   "twice" % (self.path, name))
-            if info.issym():
-                self._link_target(name, info.linkname)
-            elif info.islnk():
-                _normalize(info.linkname, "hard link %r target" % name)
-            self._members[name] = info
-
-    def _link_target(self, name, target):
-        """The archive path a symlink ``name`` -> ``target`` points to."""
-        if target.startswith("/"):
-            raise ArchiveError("unsafe archive %s: symlink %r points to an "
-                               "absolute path" % (self.path, name))
-        joined = posixpath.normpath(posixpath.join(posixpath.dirname(name),
-                                                   target))
-        if joined == ".." or joined.startswith("../"):
-            raise ArchiveError("unsafe archive %s: symlink %r -> %r leaves "
-                               "the archive" % (self.path, name, target))
-        return _normalize(joined)
-
-    def close(self):
-        self._tar.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _resolve(self, name):
-        name = _normalize(name)
-        for _ in range(16):
-            info = self._members.get(name)
-            if info is None:
-                return None
-            if info.isreg():
-                return info
-            if info.issym():
-                name = self._link_target(name, info.linkname)
-            else:
-                name = _normalize(info.linkname)
-        raise ArchiveError("archive %s: too many levels of links at %r"
-                           % (self.path, name))
-
-    def exists(self, name):
-        return self._resolve(name) is not None
-
-    def size(self, name):
-        return self._info(name).size
-
-    def _info(self, name):
-        info = self._resolve(name)
-        if info is None:
-            raise ArchiveError("archive %s refers to %r, which it does not "
-                               "contain" % (self.path, name))
-        return info
-
-    def open(self, name):
-        """A binary file object reading member ``name`` (links followed)."""
-        return _CheckedReader(self._tar.extractfile(self._info(name)),
-                              self.path, name)
-
-    def read(self, name, limit=MAX_JSON):
-        info = self._info(name)
-        if info.size > limit:
-            raise ArchiveError("archive %s: %r is too large (%d bytes)"
-                               % (self.path, name, info.size))
-        with self.open(name) as f:
-            return f.read()
-
-    def read_json(self, name):
-        return _loads(self.read(name), "%s in %s" % (name, self.path))
-
-
-class _CheckedReader(io.RawIOBase):
-    """Turn tarfile's errors on short data into ArchiveError."""
-
-    def __init__(self, f, path, name):
-        self._f, self._where = f, "%s in %s" % (name, path)
-
-    def readable(self):
-        return True
-
-    def read(self, n=-1):
-        try:
-            return self._f.read(n)
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ArchiveError("cannot read %s (truncated or corrupt "
-                               "archive?): %s" % (self._where, exc))
-
-    def readinto(self, b):
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-    def close(self):
-        self._f.close()
-        super().close()
-
-
-def _loads(raw, where):
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise ArchiveError("%s is not valid JSON" % where)
-
 
 # --- reading docker-save archives ----------------------------------------
 
@@ -198,34 +62,32 @@ def read_docker_archive(reader, wanted=None):
     entry = choose(entries, wanted, lambda e: list(e.get("RepoTags") or []),
                    where)
     config_raw = reader.read(entry["Config"])
-    config = _loads(config_raw, "%s: config %s" % (where, entry["Config"]))
-    if not isinstance(config, dict):
-        raise ArchiveError("%s: config %s is not a JSON object"
-                           % (where, entry["Config"]))
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    try:
+        diff_ids = oci.parse_config(config_raw).diff_ids
+    except UdockerError as exc:
+        raise ArchiveError("%s: config %s: %s" % (where, entry["Config"], exc))
     if len(diff_ids) != len(entry["Layers"]):
         raise ArchiveError("%s: config lists %d diff_ids but manifest.json "
                            "%d layers" % (where, len(diff_ids),
                                           len(entry["Layers"])))
-    config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+    config_digest = sha256_digest(config_raw)
     named = re.match(r"^(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?$",
-                     _normalize(entry["Config"]))
-    if named and named.group(1) != config_digest.split(":", 1)[1]:
+                     normalize(entry["Config"]))
+    if named and named.group(1) != config_digest.hex:
         raise ArchiveError("%s: config %s does not hash to its name (corrupt "
                            "archive)" % (where, entry["Config"]))
     manifest, annotations = _indexed_manifest(reader, config_digest)
     declared = {l.digest: l for l in manifest.layers} if manifest else {}
     layers = []
     for member, diff_id in zip(entry["Layers"], diff_ids):
-        check_digest(diff_id, "%s: config diff_id" % where)
         if not isinstance(member, str) or not reader.exists(member):
             raise ArchiveError("%s: manifest.json refers to layer %s, which "
                                "the archive does not contain" % (where, member))
-        layer = ArchiveLayer(_normalize(member), diff_id,
+        layer = ArchiveLayer(normalize(member), diff_id,
                              size=reader.size(member))
         m = re.match(r"^blobs/sha256/([0-9a-f]{64})$", layer.member)
         if m:   # Docker >= 25: the blob's name is its digest (verified later)
-            layer.digest = "sha256:" + m.group(1)
+            layer.digest = Digest("sha256:" + m.group(1))
             if layer.digest in declared:
                 layer.media_type = declared[layer.digest].media_type
         layers.append(layer)
@@ -247,18 +109,15 @@ def _indexed_manifest(reader, config_digest):
     """
     if not reader.exists("index.json"):
         return None, {}
-    index = reader.read_json("index.json")
-    for entry in (index.get("manifests") or []) if isinstance(index, dict) \
-            else []:
+    layout = OCILayout(reader, ArchiveError)
+    try:
+        entries = layout.entries()
+    except UdockerError:
+        return None, {}
+    for desc in entries:
         try:
-            desc = oci.Descriptor.from_dict(entry)
-            check_digest(desc.digest, "index.json")
-            blob = "blobs/sha256/" + desc.hex
-            if not reader.exists(blob):
-                continue
-            parsed = oci.parse_manifest(reader.read(blob), desc.media_type,
-                                        desc.digest)
-        except (KeyError, TypeError, ValueError, UdockerError):
+            parsed = layout.read_manifest(desc)
+        except UdockerError:
             continue
         if isinstance(parsed, oci.Manifest) and \
                 parsed.config.digest == config_digest:
@@ -279,21 +138,6 @@ def _add_bytes(tar, name, data):
     tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
 
 
-class _HashingReader:
-    def __init__(self, f):
-        self._f, self._h, self.count = f, hashlib.sha256(), 0
-
-    def read(self, n=-1):
-        data = self._f.read(n if n and n > 0 else CHUNK)
-        self._h.update(data)
-        self.count += len(data)
-        return data
-
-    @property
-    def digest(self):
-        return "sha256:" + self._h.hexdigest()
-
-
 def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
                   annotations=None, fmt="docker-archive"):
     """Write one image as a tar stream to the binary file object ``out``.
@@ -307,7 +151,6 @@ def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
     if fmt not in ("docker-archive", "oci-archive"):
         raise ArchiveError("unknown archive format %r (docker-archive or "
                            "oci-archive)" % fmt)
-    blob = "blobs/sha256/%s".__mod__
     index_entry = oci.Descriptor(manifest.media_type, manifest.digest,
                                  len(manifest.raw),
                                  annotations=dict(annotations or {}))
@@ -317,22 +160,22 @@ def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
                                            or repo_tags[0])
         index_entry.annotations[oci.ANNOTATION_REF_NAME] = \
             repo_tags[0].rpartition(":")[2]
-    index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
-             "manifests": [index_entry.to_dict()]}
+    oci_layout, index = layout_files(index_entry)
     tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
     try:
-        _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-        _add_bytes(tar, blob(manifest.config.hex), config_raw)
-        _add_bytes(tar, blob(manifest.digest.split(":", 1)[1]), manifest.raw)
+        _add_bytes(tar, *oci_layout)
+        _add_bytes(tar, blob_name(manifest.config.digest), config_raw)
+        _add_bytes(tar, blob_name(manifest.digest), manifest.raw)
         seen = set()
         for layer in manifest.layers:
             if layer.digest in seen:
                 continue
             seen.add(layer.digest)
             with open(layer_paths[layer.digest], "rb") as f:
-                reader = _HashingReader(f)
+                reader = HashingReader(f)
                 try:
-                    tar.addfile(_tarinfo(blob(layer.hex), layer.size), reader)
+                    tar.addfile(_tarinfo(blob_name(layer.digest), layer.size),
+                                reader)
                 except OSError as exc:
                     raise DigestMismatch("layer %s is shorter than %d bytes "
                                          "(%s)" % (layer.digest, layer.size,
@@ -341,11 +184,11 @@ def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
                     raise DigestMismatch(
                         "layer %s: the stored file does not hold these bytes "
                         "(run `git annex fsck`)" % layer.digest)
-        _add_bytes(tar, "index.json", _dumps(index))
+        _add_bytes(tar, *index)
         if fmt == "docker-archive":
-            entry = {"Config": blob(manifest.config.hex),
+            entry = {"Config": blob_name(manifest.config.digest),
                      "RepoTags": list(repo_tags),
-                     "Layers": [blob(l.hex) for l in manifest.layers]}
+                     "Layers": [blob_name(l.digest) for l in manifest.layers]}
             _add_bytes(tar, "manifest.json", _dumps([entry]))
             repos = {}
             for tag in repo_tags:

@@ -16,8 +16,9 @@ import tempfile
 from pathlib import Path
 
 from .docker_archive import write_archive
-from ..errors import LayoutError, UdockerError
+from ..errors import UdockerError
 from ..dataset.layout import OCILayout
+from ..dataset.local import ensure_local
 
 FORMATS = ("docker-archive", "oci-archive")
 
@@ -27,11 +28,6 @@ def layer_paths(layout_path):
     layout = OCILayout(layout_path)
     return {l.digest: layout.blob_path(l.digest)
             for l in layout.manifest().layers}
-
-
-def missing_layers(layout_path):
-    """Layer blob paths whose content is not present (annexed, not got)."""
-    return [p for p in layer_paths(layout_path).values() if not p.exists()]
 
 
 def repo_tags(layout):
@@ -51,15 +47,10 @@ def export_image(layout_path, out, fmt="docker-archive", tags=None):
     if fmt not in FORMATS:
         raise UdockerError("unknown export format %r: use %s"
                            % (fmt, " or ".join(FORMATS)))
-    layout = OCILayout(layout_path)
+    layout = ensure_local(layout_path)
     manifest = layout.manifest()
     config_raw = layout.read_blob(manifest.config.digest)
     paths = layer_paths(layout_path)
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        raise LayoutError("layer content is not present locally (%s); get "
-                          "it first with `datalad get %s`"
-                          % (", ".join(missing), layout_path))
     write_archive(out, manifest, config_raw, paths,
                   repo_tags(layout) if tags is None else list(tags),
                   layout.annotations(), fmt)

@@ -3,27 +3,25 @@
 An OCI layout names its images in ``index.json``; each entry may carry an
 ``org.opencontainers.image.ref.name`` annotation (the tag skopeo's
 ``oci:DIR:TAG`` selects) and may point to a multi-platform index, resolved
-for the host's platform.  The same parser reads a directory
-(:class:`DirReader`) and a tar (an ``oci-archive`` or a Docker >= 25
-``docker save`` archive without ``manifest.json``) through
-:class:`.docker_archive.TarReader`.  Nothing is extracted or written here.
+for the host's platform.  The layout itself is read by
+:class:`..dataset.layout.OCILayout` through a member reader
+(:mod:`..members`): a directory, or a tar (an ``oci-archive`` or a Docker
+>= 25 ``docker save`` archive without ``manifest.json``).  Nothing is
+extracted or written here.
 
 It also holds what every local image source shares: the
-:class:`ArchiveImage` a reader returns, member-name safety checks
-(:func:`_normalize`), and choosing one image by name (:func:`choose`).
+:class:`ArchiveImage` a reader returns and choosing one image by name
+(:func:`choose`).
 """
-import json
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .. import oci
-from ..errors import ArchiveError, InvalidReference, UdockerError
+from ..dataset.layout import OCILayout, blob_name
+from ..errors import ArchiveError, InvalidReference
+from ..members import DirReader  # noqa: F401 (re-exported)
 from ..reference import parse_reference
 
-HEX_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-MAX_JSON = 64 << 20          # refuse absurd JSON members (manifest, config)
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 
 
@@ -48,32 +46,6 @@ class ArchiveImage:
     manifest: Optional[oci.Manifest] = None   # the stored manifest, if any
     annotations: Dict[str, str] = field(default_factory=dict)
     repo_digests: List[str] = field(default_factory=list)
-
-    @property
-    def config(self):
-        return json.loads(self.config_raw)
-
-
-def _normalize(name, what="member"):
-    """Archive-relative POSIX path, or ArchiveError if it is unsafe."""
-    if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
-        raise ArchiveError("unsafe archive: %s %r is an absolute path"
-                           % (what, name))
-    if "\\" in name or "\x00" in name:
-        raise ArchiveError("unsafe archive: %s %r has a backslash or NUL"
-                           % (what, name))
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ArchiveError("unsafe archive: %s %r leaves the archive (..)"
-                           % (what, name))
-    return "/".join(parts)
-
-
-def check_digest(digest, where):
-    if not isinstance(digest, str) or not HEX_DIGEST_RE.match(digest):
-        raise ArchiveError("%s: unsupported or malformed digest %r (only "
-                           "sha256 is supported)" % (where, digest))
-    return digest
 
 
 # --- choosing an image by name -------------------------------------------
@@ -119,73 +91,6 @@ def _listing(entries, names_of):
 
 # --- OCI layouts -------------------------------------------------------------
 
-
-
-class DirReader:
-    """Read files of a directory by archive-style relative names.
-
-    Names are checked like archive members (no absolute paths, no ``..``);
-    symlinks are followed (a dataset's layout has annexed layers), since
-    nothing here writes anywhere.
-    """
-
-    def __init__(self, path):
-        self.path = str(path)
-        if not os.path.isdir(self.path):
-            raise ArchiveError("%s is not a directory holding an OCI image "
-                               "layout" % self.path)
-
-    def _p(self, name):
-        return os.path.join(self.path, *_normalize(name).split("/"))
-
-    def exists(self, name):
-        return os.path.isfile(self._p(name))
-
-    def size(self, name):
-        return os.stat(self._p(name)).st_size
-
-    def open(self, name):
-        try:
-            return open(self._p(name), "rb")
-        except OSError as exc:
-            raise ArchiveError("cannot read %s from %s: %s"
-                               % (name, self.path, exc.strerror))
-
-    def read(self, name, limit=MAX_JSON):
-        if not self.exists(name):
-            raise ArchiveError("%s refers to %r, which it does not contain "
-                               "(layer content not present? try `datalad "
-                               "get`)" % (self.path, name))
-        if self.size(name) > limit:
-            raise ArchiveError("%s: %r is too large" % (self.path, name))
-        with self.open(name) as f:
-            return f.read()
-
-    def read_json(self, name):
-        try:
-            return json.loads(self.read(name))
-        except ValueError:
-            raise ArchiveError("%s in %s is not valid JSON" % (name, self.path))
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
-def _blob(reader, desc, what):
-    check_digest(desc.digest, "%s: %s" % (reader.path, what))
-    name = "blobs/sha256/" + desc.hex
-    if not reader.exists(name):
-        raise ArchiveError("%s: the image refers to %s %s, which is missing "
-                           "from blobs/" % (reader.path, what, desc.digest))
-    return name
-
-
 def _names(desc):
     ann = desc.annotations
     return [n for n in (ann.get(oci.ANNOTATION_REF_NAME),
@@ -199,44 +104,21 @@ def read_oci_layout(reader, wanted=None, platform=None):
     ``1.0``) or its full name; ``platform`` (an oci.Platform, default the
     host's) resolves a multi-platform index.
     """
+    layout = OCILayout(reader, ArchiveError)
     where = "OCI layout %s" % reader.path
-    if not reader.exists("index.json"):
-        raise ArchiveError("%s has no index.json: not an OCI image layout"
-                           % reader.path)
-    index = reader.read_json("index.json")
-    try:
-        entries = [oci.Descriptor.from_dict(e) for e in index["manifests"]]
-    except (KeyError, TypeError, ValueError):
-        raise ArchiveError("%s: index.json is malformed" % where)
-    top = choose(entries, wanted, _names, where)
-    desc = top
-    for _ in range(4):       # nested indexes
-        raw = reader.read(_blob(reader, desc, "manifest"))
-        try:
-            parsed = oci.parse_manifest(raw, desc.media_type, desc.digest)
-        except UdockerError as exc:
-            raise ArchiveError("%s: manifest %s: %s" % (where, desc.digest, exc))
-        if isinstance(parsed, oci.Manifest):
-            break
-        desc = parsed.select(platform or oci.host_platform())
-    else:
-        raise ArchiveError("%s: indexes nested too deeply" % where)
-    manifest = parsed
-    config_raw = reader.read(_blob(reader, manifest.config, "config"))
-    try:
-        config = json.loads(config_raw)
-        diff_ids = list(config["rootfs"]["diff_ids"])
-    except (ValueError, KeyError, TypeError):
-        raise ArchiveError("%s: config %s is malformed (no rootfs.diff_ids)"
-                           % (where, manifest.config.digest))
-    if len(diff_ids) != len(manifest.layers):
+    top = choose(layout.entries(), wanted, _names, where)
+    manifest = layout.resolve(top, platform)
+    config_raw, config = layout.read_config(manifest)
+    if len(config.diff_ids) != len(manifest.layers):
         raise ArchiveError("%s: config lists %d diff_ids but the manifest %d "
-                           "layers" % (where, len(diff_ids),
+                           "layers" % (where, len(config.diff_ids),
                                        len(manifest.layers)))
     layers = []
-    for layer, diff_id in zip(manifest.layers, diff_ids):
-        check_digest(diff_id, "%s: config diff_id" % where)
-        layers.append(ArchiveLayer(_blob(reader, layer, "layer"), diff_id,
+    for layer, diff_id in zip(manifest.layers, config.diff_ids):
+        if not layout.has_blob(layer.digest):
+            raise ArchiveError("%s: the image refers to layer %s, which is "
+                               "missing from blobs/" % (where, layer.digest))
+        layers.append(ArchiveLayer(blob_name(layer.digest), diff_id,
                                    layer.size, layer.digest, layer.media_type))
     names = [n for n in _names(top) if ":" in n or "/" in n]
     return ArchiveImage(config_raw, layers, names, manifest,

@@ -17,23 +17,22 @@ blobs with their URL, unmatched ones from the archive without a URL, and
 ``ImageSource.notes`` says which.  If everything matches and the configs are
 identical, the stored manifest is the registry's own.
 """
-import hashlib
 import json
 import os
 import re
 import zlib
 
 from .. import oci
-from ..digest import CHUNK, VerifyingWriter
-from .docker_archive import TarReader, read_docker_archive
+from ..digest import CHUNK, Hasher, VerifyingWriter, sha256_digest
+from .docker_archive import read_docker_archive
 from ..errors import (ArchiveError, DigestMismatch, InvalidReference,
                      UdockerError)
-from .oci_archive import DirReader, read_oci_layout
+from ..members import DirReader, TarReader
+from .oci_archive import read_oci_layout
 from ..reference import parse_reference
 from ..registry.source import source_annotations
 from ..source import ImageSource, LayerSource
-
-TRANSPORTS = ("docker-archive", "oci-archive", "oci")
+from ..transports import LOCAL_TRANSPORTS as TRANSPORTS
 _OCI_LAYER = {None: "application/vnd.oci.image.layer.v1.tar",
               "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
               "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
@@ -64,8 +63,7 @@ def open_source(spec, source_ref=None, client_factory=None, platform=None):
     Raises ArchiveError (or another UdockerError) with a one-line message.
     """
     transport, path, wanted = parse_spec(spec)
-    reader = DirReader(path) if transport == "oci" else TarReader(path)
-    with reader:
+    with _members(transport, path) as reader:
         if transport == "docker-archive":
             image = read_docker_archive(reader, wanted)
         else:
@@ -86,6 +84,11 @@ def open_source(spec, source_ref=None, client_factory=None, platform=None):
                              "from the archive, without URLs" % (ref, exc))
             return src
     return local.image_source()
+
+
+def _members(transport, path):
+    """The member reader of a local source: a directory or a tar."""
+    return DirReader(path) if transport == "oci" else TarReader(path)
 
 
 # --- verification --------------------------------------------------------
@@ -148,31 +151,30 @@ class _Gunzip:
 def verify_layer(reader, layer):
     """Hash ``layer``'s bytes and uncompressed bytes; VerifiedLayer or error."""
     where = "layer %s of %s" % (layer.member, reader.path)
-    stored, plain = hashlib.sha256(), hashlib.sha256()
-    size, decomp, kind = 0, None, None
+    stored, plain = Hasher(), Hasher()
+    decomp, kind = None, None
     with reader.open(layer.member) as f:
         while True:
             chunk = f.read(CHUNK)
             if not chunk:
                 break
-            if size == 0:
+            if stored.count == 0:
                 kind = _compression(chunk)
                 decomp = _decompressor(kind, where)
-            size += len(chunk)
             stored.update(chunk)
             try:
                 plain.update(decomp.decompress(chunk) if decomp else chunk)
             except _decompress_errors() as exc:
                 raise ArchiveError("%s is corrupt (%s data does not "
                                    "decompress: %s)" % (where, kind, exc))
-    digest = "sha256:" + stored.hexdigest()
+    digest, size = stored.digest, stored.count
     if layer.digest and digest != layer.digest:
         raise DigestMismatch("%s does not match its digest %s (got %s): "
                              "corrupt archive" % (where, layer.digest, digest))
     if layer.size is not None and size != layer.size:
         raise ArchiveError("%s has %d bytes, its descriptor says %d"
                            % (where, size, layer.size))
-    diff_id = "sha256:" + plain.hexdigest()
+    diff_id = plain.digest
     if diff_id != layer.diff_id:
         raise DigestMismatch("%s: uncompressed content is %s but the image "
                              "config says diff_id %s: corrupt or tampered "
@@ -188,10 +190,9 @@ def verify_layer(reader, layer):
 def _copy_fetch(transport, path, member, digest, size):
     """fetch(dest, progress) copying a member/file into dest, verified."""
     def fetch(dest, progress):
-        reader = DirReader(path) if transport == "oci" else TarReader(path)
         if os.path.exists(dest):     # a local copy is never resumed
             os.unlink(dest)
-        with reader, reader.open(member) as src, \
+        with _members(transport, path) as reader, reader.open(member) as src, \
                 VerifyingWriter(dest, digest, size) as out:
             for chunk in iter(lambda: src.read(CHUNK), b""):
                 out.write(chunk)
@@ -203,7 +204,7 @@ def _copy_fetch(transport, path, member, digest, size):
 def _build_manifest(config_raw, descriptors):
     doc = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
            "config": {"mediaType": oci.OCI_CONFIG,
-                      "digest": "sha256:" + hashlib.sha256(config_raw).hexdigest(),
+                      "digest": sha256_digest(config_raw),
                       "size": len(config_raw)},
            "layers": [d.to_dict() for d in descriptors]}
     raw = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
@@ -218,8 +219,7 @@ class _LocalImage:
     def __init__(self, spec, transport, path, image, layers):
         self.spec, self.transport, self.path = spec, transport, path
         self.image, self.layers = image, layers
-        self.config_digest = "sha256:" + hashlib.sha256(
-            image.config_raw).hexdigest()
+        self.config_digest = sha256_digest(image.config_raw)
         if image.manifest and image.manifest.config.digest != self.config_digest:
             raise DigestMismatch("%s: config does not match digest %s"
                                  % (spec, image.manifest.config.digest))
@@ -309,13 +309,10 @@ def _registry_ref(image, source_ref):
 
 def _with_registry(local, ref, pinned, client_factory):
     client = client_factory(ref)
-    config = json.loads(local.image.config_raw)
-    platform = oci.Platform(config.get("os", "linux"),
-                            config.get("architecture", ""),
-                            config.get("variant") or None)
+    platform = oci.parse_config(local.image.config_raw).platform
     resolved = client.resolve(ref.with_digest(pinned) if pinned else ref,
                               platform)
-    remote_ids = json.loads(resolved.config_raw)["rootfs"]["diff_ids"]
+    remote_ids = oci.parse_config(resolved.config_raw).diff_ids
     by_diff = dict(zip(remote_ids, resolved.manifest.layers))
     layers, descs, notes = [], [], []
     for v in local.layers:

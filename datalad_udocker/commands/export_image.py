@@ -13,7 +13,8 @@ from datalad.support.exceptions import CapturedException
 from datalad.support.param import Parameter
 
 from ..errors import UdockerError
-from ..archive.export import FORMATS, export_image, export_to_file, missing_layers
+from ..archive.export import FORMATS, export_image, export_to_file
+from ..dataset.local import datalad_get, ensure_local
 from .results import failure, render_result
 
 lgr = logging.getLogger("datalad.udocker.export")
@@ -117,22 +118,10 @@ def _export(ds, name, dataset, output, fmt, stream, res):
                               exception=CapturedException(exc), **res)
         return
     try:
-        missing = missing_layers(layout)
+        ensure_local(layout, datalad_get(ds))
     except UdockerError as exc:
         yield failure(exc, path=layout, **res)
         return
-    if missing:
-        failed = [r for r in ds.get([str(p) for p in missing],
-                                    result_renderer="disabled",
-                                    return_type="generator",
-                                    on_failure="ignore")
-                  if r.get("status") in ("error", "impossible")]
-        if failed:
-            yield get_status_dict(
-                status="error", path=layout, message=(
-                    "cannot get layer content of %s: %s" % (
-                        label, failed[0].get("message"))), **res)
-            return
     dest = None if stream else os.path.abspath(output or "%s.tar" % label)
     try:
         if stream:

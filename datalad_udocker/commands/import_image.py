@@ -10,15 +10,12 @@ from datalad.support.param import Parameter
 
 from .. import config, oci
 from ..errors import UdockerError
-from ..reference import parse_reference
 from ..registry.client import RegistryClient
-from ..registry.source import registry_image_source
 from ..dataset.store import store_image
+from ..transports import open_image
 from .results import failure, render_result
 
 lgr = logging.getLogger("datalad.udocker.import")
-
-ARCHIVE_PREFIXES = ("docker-archive:", "oci-archive:", "oci:")
 
 
 def open_image_source(ds, ref, platform=None, source_ref=None):
@@ -29,13 +26,7 @@ def open_image_source(ds, ref, platform=None, source_ref=None):
         return RegistryClient(reference.registry, insecure_registries=insecure)
 
     wanted = oci.Platform.parse(platform) if platform else None
-    if ref.startswith(ARCHIVE_PREFIXES):
-        from ..archive.source import open_source
-        return open_source(ref, source_ref, client_factory, platform=wanted)
-    if ref.startswith("docker://"):
-        ref = ref[len("docker://"):]
-    reference = parse_reference(ref)
-    return registry_image_source(client_factory(reference), reference, wanted)
+    return open_image(ref, client_factory, wanted, source_ref)
 
 
 @build_doc

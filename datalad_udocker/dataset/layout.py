@@ -1,32 +1,61 @@
-"""An OCI image layout on disk (``oci-layout``, ``index.json``, ``blobs/``).
+"""The OCI image layout (``oci-layout``, ``index.json``, ``blobs/``): read and
+written here only.
 
 The layout a dataset holds is a plain OCI image layout that skopeo and umoci
 read: ``index.json`` names one image manifest (annotated with where it came
 from), ``blobs/sha256/<hex>`` holds the manifest, the config and the layers.
 In a dataset the JSON blobs are in git and the layer blobs are git-annex
-symlinks; this module does not care, it reads and writes paths.
+symlinks.  The same :class:`OCILayout` reads an ``oci:DIR`` source, an
+``oci-archive:`` tar and the OCI part of a Docker >= 25 ``docker save``:
+its files are read through a member reader (:mod:`..members`: a directory
+or a tar), so this module knows the format and nothing about where it is.
+:func:`layout_files` gives the ``oci-layout`` and ``index.json`` bytes that
+the dataset's layout and an exported archive are written with.
 """
 import json
 import os
 from pathlib import Path
 
 from .. import oci
-from ..digest import sha256_digest
-from ..errors import LayoutError
+from ..digest import Digest, sha256_digest
+from ..errors import LayoutError, UdockerError
+from ..members import DirReader
 
 OCI_LAYOUT_FILE = {"imageLayoutVersion": "1.0.0"}
+MAX_NESTING = 4        # index -> index -> ... -> manifest
+
+
+def blob_name(digest):
+    """The member name of a blob: ``blobs/<algorithm>/<hex>``."""
+    digest = Digest(digest)
+    return "blobs/%s/%s" % (digest.algorithm, digest.hex)
 
 
 class OCILayout:
-    """Read access to one image stored as an OCI layout at ``path``."""
+    """One OCI image layout, read-only.
 
-    def __init__(self, path):
-        self.path = Path(path)
+    ``source`` is a directory path (a dataset's layout, ``oci:DIR``) or a
+    member reader (:class:`..members.TarReader` for a tar).  Problems are
+    raised as ``error``: LayoutError for a dataset's layout, ArchiveError
+    for an image source.
+    """
 
-    # --- paths ---------------------------------------------------------
+    def __init__(self, source, error=LayoutError):
+        self.error = error
+        if isinstance(source, (str, os.PathLike)):
+            self.path, self._members = Path(source), None
+        else:
+            self.path, self._members = Path(source.path), source
+
+    @property
+    def members(self):
+        if self._members is None:
+            self._members = DirReader(self.path, self.error)
+        return self._members
+
+    # --- paths (a directory) ------------------------------------------
     def blob_path(self, digest):
-        algo, _, hexpart = digest.partition(":")
-        return self.path / "blobs" / algo / hexpart
+        return self.path / blob_name(digest)
 
     @property
     def index_path(self):
@@ -36,48 +65,93 @@ class OCILayout:
         return (self.path / "oci-layout").exists() and self.index_path.exists()
 
     # --- reading -------------------------------------------------------
-    def read_index(self):
+    def entries(self):
+        """The descriptors ``index.json`` lists (checked)."""
+        if not self.members.exists("index.json"):
+            raise self.error("%s has no index.json: not an OCI image layout "
+                             "(import an image with `datalad "
+                             "udocker-import`)" % self.path)
+        index = self.members.read_json("index.json")
+        entries = index.get("manifests") if isinstance(index, dict) else None
+        if not isinstance(entries, list):
+            raise self.error("OCI layout %s: index.json is malformed (no "
+                             "manifests list)" % self.path)
         try:
-            return json.loads(self.index_path.read_text())
-        except FileNotFoundError:
-            raise LayoutError("%s is not an image imported by datalad-udocker "
-                              "(no index.json); import one with `datalad "
-                              "udocker-import`" % self.path)
-        except ValueError:
-            raise LayoutError("%s is corrupt (not JSON)" % self.index_path)
+            return [oci.Descriptor.from_dict(e, "index.json entry")
+                    for e in entries]
+        except UdockerError as exc:
+            raise self.error("OCI layout %s: index.json is malformed: %s"
+                             % (self.path, exc)) from None
 
     def manifest_descriptor(self):
-        """The descriptor of the image manifest index.json points to."""
-        entries = self.read_index().get("manifests") or []
+        """The descriptor of the (first) image ``index.json`` names."""
+        entries = self.entries()
         if not entries:
-            raise LayoutError("%s names no image" % self.index_path)
-        return oci.Descriptor.from_dict(entries[0])
+            raise self.error("%s names no image" % self.index_path)
+        return entries[0]
 
     def annotations(self):
         return dict(self.manifest_descriptor().annotations)
 
-    def read_blob(self, digest):
-        try:
-            data = self.blob_path(digest).read_bytes()
-        except FileNotFoundError:
-            raise LayoutError("blob %s is missing from %s" % (digest, self.path))
+    def has_blob(self, digest):
+        return self.members.exists(blob_name(digest))
+
+    def read_blob(self, digest, what="blob"):
+        """A (small) blob's bytes, checked against ``digest``."""
+        name = blob_name(digest)
+        if not self.members.exists(name):
+            raise self.error("OCI layout %s: the image refers to %s %s, "
+                             "which is missing from blobs/"
+                             % (self.path, what, digest))
+        data = self.members.read(name)
         if sha256_digest(data) != digest:
-            raise LayoutError("blob %s in %s is corrupt" % (digest, self.path))
+            raise self.error("OCI layout %s: %s %s is corrupt (its content "
+                             "does not match its digest)"
+                             % (self.path, what, digest))
         return data
 
+    def read_manifest(self, desc):
+        """The manifest or index ``desc`` points to, parsed and verified."""
+        raw = self.read_blob(desc.digest, "manifest")
+        try:
+            return oci.parse_manifest(raw, desc.media_type, desc.digest)
+        except UdockerError as exc:
+            raise self.error("OCI layout %s: manifest %s: %s"
+                             % (self.path, desc.digest, exc)) from None
+
+    def resolve(self, desc, platform=None):
+        """The image manifest ``desc`` leads to: an index is narrowed to
+        ``platform`` (default: the host's)."""
+        for _ in range(MAX_NESTING):
+            parsed = self.read_manifest(desc)
+            if isinstance(parsed, oci.Manifest):
+                return parsed
+            desc = parsed.select(platform or oci.host_platform())
+        raise self.error("OCI layout %s: indexes nested too deeply"
+                         % self.path)
+
     def manifest(self):
-        """The image manifest (an oci.Manifest), verified against its digest."""
-        desc = self.manifest_descriptor()
-        parsed = oci.parse_manifest(self.read_blob(desc.digest),
-                                    desc.media_type, desc.digest)
+        """The image manifest (an oci.Manifest) of :meth:`manifest_descriptor`."""
+        parsed = self.read_manifest(self.manifest_descriptor())
         if not isinstance(parsed, oci.Manifest):
-            raise LayoutError("%s points to an index, not an image manifest"
-                              % self.index_path)
+            raise self.error("%s points to an index, not an image manifest"
+                             % self.index_path)
         return parsed
 
+    def read_config(self, manifest):
+        """``(config bytes, oci.ImageConfig)`` of ``manifest``, checked."""
+        raw = self.read_blob(manifest.config.digest, "config")
+        try:
+            return raw, oci.parse_config(raw)
+        except UdockerError as exc:
+            raise self.error("OCI layout %s: config %s: %s"
+                             % (self.path, manifest.config.digest, exc)) \
+                from None
+
     def config(self):
-        """The image config as a dict (Env, Entrypoint, Cmd, rootfs...)."""
-        return json.loads(self.read_blob(self.manifest().config.digest))
+        """The image config as a dict (Env, Entrypoint, Cmd, rootfs...),
+        checked by :func:`..oci.parse_config`."""
+        return self.read_config(self.manifest())[1].doc
 
     def image_name(self):
         """``(repository, tag)`` recorded at import, for tagging exports."""
@@ -90,6 +164,18 @@ class OCILayout:
             oci.ANNOTATION_REF_NAME)
 
 
+# --- writing ---------------------------------------------------------------
+
+def layout_files(entry):
+    """``[(name, bytes)]`` of ``oci-layout`` and an ``index.json`` naming
+    the one image ``entry`` (an oci.Descriptor)."""
+    index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
+             "manifests": [entry.to_dict()]}
+    return [(name, (json.dumps(doc, indent=2, sort_keys=True) + "\n")
+             .encode()) for name, doc in (("oci-layout", OCI_LAYOUT_FILE),
+                                          ("index.json", index))]
+
+
 def write_json_files(path, manifest, config_raw, annotations):
     """Write the git-tracked part of a layout into ``path``.
 
@@ -97,26 +183,22 @@ def write_json_files(path, manifest, config_raw, annotations):
     (exactly the registry's bytes, so their digests hold).  Returns the list
     of paths written.  Layer blobs are the store's business.
     """
-    path = Path(path)
-    (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    layout = OCILayout(path)
+    layout.blob_path(manifest.digest).parent.mkdir(parents=True,
+                                                   exist_ok=True)
     written = []
     for digest, raw in ((manifest.digest, manifest.raw),
                         (manifest.config.digest, config_raw)):
         if sha256_digest(raw) != digest:
             raise LayoutError("refusing to write blob %s: bytes do not match"
                               % digest)
-        p = path / "blobs" / "sha256" / digest.split(":", 1)[1]
-        _write_atomic(p, raw)
-        written.append(p)
-    desc = oci.Descriptor(manifest.media_type, manifest.digest,
-                          len(manifest.raw), annotations=annotations)
-    index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
-             "manifests": [desc.to_dict()]}
-    for name, doc in (("oci-layout", OCI_LAYOUT_FILE), ("index.json", index)):
-        p = path / name
-        _write_atomic(p, (json.dumps(doc, indent=2, sort_keys=True) + "\n")
-                      .encode())
-        written.append(p)
+        written.append(layout.blob_path(digest))
+        _write_atomic(written[-1], raw)
+    entry = oci.Descriptor(manifest.media_type, manifest.digest,
+                           len(manifest.raw), annotations=annotations)
+    for name, data in layout_files(entry):
+        written.append(layout.path / name)
+        _write_atomic(written[-1], data)
     return written
 
 

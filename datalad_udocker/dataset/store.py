@@ -275,7 +275,7 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged):
         written.append(attrs)
         # layer symlinks
         fromkey = []
-        wanted = {layout_dir / "blobs" / "sha256" / d.split(":", 1)[1]: k
+        wanted = {OCILayout(layout_dir).blob_path(d): k
                   for d, k in keys.items()}
         for p, key in wanted.items():
             if p.is_symlink() and os.readlink(p).endswith("/" + key):

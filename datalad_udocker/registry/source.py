@@ -1,5 +1,6 @@
 """An image in a registry, as an ImageSource the store can take."""
 from .. import oci
+from ..reference import parse_reference
 from ..source import ImageSource, LayerSource
 
 
@@ -17,6 +18,13 @@ def source_annotations(ref, resolved):
     if resolved.platform:
         ann[oci.ANNOTATION_PLATFORM] = str(resolved.platform)
     return ann
+
+
+def open_registry_source(text, source_ref, client_factory, platform=None):
+    """The registry transport of :func:`..transports.open_image`: ``text``
+    is a reference (``source_ref`` does not apply to it)."""
+    ref = parse_reference(text)
+    return registry_image_source(client_factory(ref), ref, platform)
 
 
 def registry_image_source(client, ref, platform=None):

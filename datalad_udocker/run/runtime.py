@@ -40,11 +40,13 @@ from pathlib import Path
 from typing import Optional
 
 from .. import config
-from ..errors import LayoutError, RuntimeError_
+from ..errors import RuntimeError_
 from ..dataset.layout import OCILayout
 from .udocker_cli import CommandNotFound, UdockerCLI
 from .safe_delete import remove_tree
-from .udocker_repo import REPO_PREFIX, STATE_DIR, UdockerRepo, missing_blobs
+from ..digest import hex_part
+from ..dataset.local import datalad_get as fetch_with_datalad, ensure_local
+from .udocker_repo import STATE_DIR, UdockerRepo, repo_digest
 from .tools import EXEC_MODES, check_execmode, find_tools
 
 __all__ = ["run_image", "RunResult", "Runtime", "CachedContainer",
@@ -79,7 +81,7 @@ class CachedContainer:
 
 
 def container_name(manifest_digest, execmode):
-    return "%s%s-%s" % (NAME_PREFIX, manifest_digest.partition(":")[2],
+    return "%s%s-%s" % (NAME_PREFIX, hex_part(manifest_digest),
                         execmode.lower())
 
 
@@ -168,11 +170,11 @@ class Runtime:
                     repo = f.read(200)
             except OSError:
                 continue
-            hexpart = repo.partition(":")[0].partition(REPO_PREFIX + "/")[2]
-            if not repo.startswith(REPO_PREFIX + "/") or len(hexpart) != 64:
+            digest = repo_digest(repo)
+            if digest is None:
                 continue
             created = item.stat(follow_symlinks=False).st_mtime
-            found.append(CachedContainer(item.name, "", "sha256:" + hexpart,
+            found.append(CachedContainer(item.name, "", digest,
                                          "", "", created, 0.0, item.path))
         return found
 
@@ -292,17 +294,7 @@ class Runtime:
 
     def _create(self, name, layout, fetch):
         tools = find_tools(self.execmode, self.udocker_dir)
-        reason = None
-        if missing_blobs(layout) and fetch is not None:
-            reason = fetch(layout.path)
-        missing = missing_blobs(layout)
-        if missing:
-            raise LayoutError(
-                "%d layer(s) of the image in %s are not present and could not "
-                "be fetched (first: %s)%s" % (
-                    len(missing), layout.path, missing[0].digest,
-                    ": " + reason if reason else
-                    "; see `git annex whereis %s`" % layout.path))
+        ensure_local(layout, fetch)
         fed = self.repo.feed(layout)
         self._discard(name)          # leftovers of an interrupted creation
         cid = None
@@ -460,33 +452,6 @@ def plan_mounts(dataset, cwd=None):
         if cwd == root or cwd.startswith(root.rstrip("/") + "/"):
             return binds, cwd
     return binds, ds
-
-
-def fetch_with_datalad(dataset=None):
-    """A ``fetch(path)`` callback: ``datalad get`` of a layout.
-
-    Returns None, or a one-line reason why nothing could be fetched.
-    """
-    def fetch(path):
-        from datalad.api import get
-        try:
-            results = get(str(path), dataset=dataset,
-                          result_renderer="disabled", on_failure="ignore",
-                          return_type="list")
-        except Exception as exc:        # noqa: BLE001 -- datalad raises many
-            return " ".join(str(exc).split()) or type(exc).__name__
-        failed = [r for r in results if r.get("status") in ("error",
-                                                             "impossible")]
-        if failed:
-            res = failed[0]
-            msg = res.get("error_message") or res.get("message")
-            if isinstance(msg, (tuple, list)) and msg:
-                msg = msg[0] % tuple(msg[1:]) if len(msg) > 1 else msg[0]
-            first = next((ln.strip() for ln in str(msg or "").splitlines()
-                          if ln.strip()), "failed")
-            return "datalad get: " + first
-        return None
-    return fetch
 
 
 def run_image(image_path, command=(), dataset=None, execmode=None,

@@ -11,20 +11,20 @@ import os
 import shutil
 import stat
 
-from ..errors import RuntimeError_
+from ..errors import RunError
 
 
 def remove_tree(path, inside):
     """Delete ``path`` (a directory, file or symlink) lying in ``inside``.
 
     A symlink is unlinked, never followed, wherever it is in the tree.
-    Raises RuntimeError_ if ``path`` is not strictly below ``inside`` (its
+    Raises RunError if ``path`` is not strictly below ``inside`` (its
     parent directories resolved; ``path`` itself is not).
     """
     parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     base = os.path.realpath(inside)
     if os.path.commonpath([parent, base]) != base:
-        raise RuntimeError_("refusing to delete %s: it is not inside %s"
+        raise RunError("refusing to delete %s: it is not inside %s"
                             % (path, inside))
     path = os.path.join(parent, os.path.basename(os.path.abspath(path)))
     try:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import RuntimeError_
+from ..errors import CommandNotFound, RuntimeError_  # noqa: F401 (re-export)
 from .tools import udocker_environment, write_wrappers
 
 HIDDEN_ARGS_VAR = "DATALAD_UDOCKER_HIDDEN_ARGS"
@@ -41,11 +41,6 @@ _UDOCKER_MAIN = (
     "sys.exit(main())" % HIDDEN_ARGS_VAR)
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
                       r"[0-9a-f]{12}$")
-
-
-class CommandNotFound(RuntimeError_):
-    """The command (or entrypoint) does not exist in the container."""
-    exit_code = 127
 
 
 def first_error(text):

@@ -36,7 +36,6 @@ is fed for the first time its layers are checked as a whole stack, in manifest o
 manifest, a stack that passed is remembered under ``datalad-udocker/checked/<manifest hex>``
 (with the checker's version) and a second execution mode does not read the layers again.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -44,8 +43,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..digest import CHUNK, file_digest
-from ..errors import DigestMismatch, LayoutError, UnsafeLayer
+from ..digest import Digest, HashingReader, file_digest, hex_part
+from ..errors import DigestMismatch, InvalidDigest, LayoutError, UnsafeLayer
 from .layer_check import CHECKER_VERSION, StackChecker
 from .safe_delete import remove_tree
 
@@ -69,18 +68,18 @@ class FedImage:
 
 def repo_name(manifest_digest):
     """udocker repository name for the image with this manifest digest."""
-    return "%s/%s" % (REPO_PREFIX, manifest_digest.partition(":")[2])
+    return "%s/%s" % (REPO_PREFIX, hex_part(manifest_digest))
 
 
-def missing_blobs(layout):
-    """Descriptors of the layout's layers/config whose content is not present.
-
-    A layer that git-annex has not fetched yet is a dangling symlink: this is
-    how the runtime decides whether to ``datalad get`` the image first.
-    """
-    manifest = layout.manifest()
-    return [d for d in (manifest.config,) + tuple(manifest.layers)
-            if not layout.blob_path(d.digest).exists()]
+def repo_digest(name):
+    """The manifest digest a udocker repository name (``repo`` or
+    ``repo:tag``) made by :func:`repo_name` stands for, else None."""
+    if not name.startswith(REPO_PREFIX + "/"):
+        return None
+    try:
+        return Digest("sha256:" + name[len(REPO_PREFIX) + 1:].partition(":")[0])
+    except InvalidDigest:
+        return None
 
 
 class UdockerRepo:
@@ -118,8 +117,7 @@ class UdockerRepo:
                     "layer %s of the image in %s is not present: fetch it "
                     "with `datalad get %s`" % (desc.digest, layout.path,
                                                layout.path))
-            targets["sha256:" + desc.digest.partition(":")[2]] = \
-                os.path.realpath(path)
+            targets[desc.digest] = os.path.realpath(path)
         self.verify_blob(layout.blob_path(manifest.config.digest),
                          manifest.config.digest, manifest.config.size)
         if self.is_checked(manifest.digest):
@@ -131,7 +129,7 @@ class UdockerRepo:
             for desc in manifest.layers:
                 self.verify_blob(layout.blob_path(desc.digest), desc.digest,
                                  desc.size, checker)
-            self._remember(self.checked_dir / manifest.digest.partition(":")[2],
+            self._remember(self.checked_dir / manifest.digest.hex,
                            {"checker": CHECKER_VERSION})
         final = self.tag_dir(manifest.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -162,8 +160,9 @@ class UdockerRepo:
         base = self.repos_dir / REPO_PREFIX
         if not base.is_dir():
             return []
-        return sorted("sha256:" + p.name for p in base.iterdir()
-                      if (p / TAG / "TAG").is_file())
+        found = (repo_digest("%s/%s" % (REPO_PREFIX, p.name))
+                 for p in base.iterdir() if (p / TAG / "TAG").is_file())
+        return sorted(d for d in found if d is not None)
 
     # --- verification ----------------------------------------------------
     def verify_blob(self, path, digest, size, checker=None):
@@ -177,7 +176,7 @@ class UdockerRepo:
         st = os.stat(path)
         stamp = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
                  "mtime_ns": st.st_mtime_ns, "digest": digest}
-        memo = self.verified_dir / digest.partition(":")[2]
+        memo = self.verified_dir / Digest(digest).hex
         if checker is None:
             try:
                 if json.loads(memo.read_text()) == stamp:
@@ -202,7 +201,7 @@ class UdockerRepo:
 
     def is_checked(self, manifest_digest):
         """Whether this image's layer stack passed :mod:`.layer_check`."""
-        memo = self.checked_dir / manifest_digest.partition(":")[2]
+        memo = self.checked_dir / hex_part(manifest_digest)
         try:
             return json.loads(memo.read_text()) == {"checker": CHECKER_VERSION}
         except (OSError, ValueError):
@@ -217,32 +216,19 @@ class UdockerRepo:
 
     def forget_verified(self, digest):
         try:
-            (self.verified_dir / digest.partition(":")[2]).unlink()
+            (self.verified_dir / hex_part(digest)).unlink()
         except FileNotFoundError:
             pass
-
-
-class _HashingReader:
-    """A binary file read through ``read``, hashed as it goes."""
-
-    def __init__(self, f):
-        self._f, self.hash = f, hashlib.sha256()
-
-    def read(self, size=-1):
-        data = self._f.read(size)
-        self.hash.update(data)
-        return data
 
 
 def _hash_and_check(path, digest, checker):
     """``(digest of the file, UnsafeLayer or None)`` from one read of ``path``."""
     unsafe = None
     with open(path, "rb") as f:
-        reader = _HashingReader(f)
+        reader = HashingReader(f)
         try:
             checker.check_layer(digest, reader)
         except UnsafeLayer as exc:
             unsafe = exc
-        for chunk in iter(lambda: reader.read(CHUNK), b""):
-            pass                    # the rest the tar reader did not need
-    return "sha256:" + reader.hash.hexdigest(), unsafe
+        reader.drain()              # the rest the tar reader did not need
+    return reader.digest, unsafe
