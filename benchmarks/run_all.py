@@ -38,8 +38,8 @@ def log(msg):
 
 
 class Suite:
-    def __init__(self, work: Path, repeat: int, quick: bool):
-        self.work, self.repeat, self.quick = work, repeat, quick
+    def __init__(self, work: Path, repeat: int):
+        self.work, self.repeat = work, repeat
         self.env = git_identity_env()
         self.env["DATALAD_UDOCKER_EXECMODE"] = "P1"
         self.rows = []
@@ -237,10 +237,11 @@ def _starts(cmds):
 
 def machine():
     load = os.getloadavg()
-    commit = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %cs %s"],
+    commit = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %cs",
+                             "--", "datalad_udocker"],
                             capture_output=True, text=True).stdout.strip()
     return (f"{os.cpu_count()} cores, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
-            f"at the end; code under test: {commit}")
+            f"at the end; code under test: datalad_udocker/ as of commit {commit}")
 
 
 def main():
@@ -256,7 +257,7 @@ def main():
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="bench-all-"))
     reg = Registry("plain").start()
-    suite = Suite(work, repeat, args.quick)
+    suite = Suite(work, repeat)
     try:
         log(f"registry on {reg.host}; work dir {work}; building images")
         big, big_size = push_image(reg, random_image, "bench/big", layer_mib=big_mib)
@@ -285,8 +286,9 @@ def main():
         reg.stop()
         shutil.rmtree(work, ignore_errors=True)
     minutes = (time.time() - started) / 60
-    preamble = (f"{'Quick smoke run' if args.quick else 'Run'} of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-                f"{repeat} repeat(s), {minutes:.1f} min in all; {machine()}.")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    preamble = (f"{'Quick smoke run' if args.quick else 'Run'} of {when}, {repeat} repeat(s), "
+                f"{minutes:.1f} min in all; {machine()}.")
     write(suite.rows, preamble, args)
 
 
