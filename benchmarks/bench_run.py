@@ -9,12 +9,12 @@ do the same steps with udocker's CLI on an image it pulled itself from the same 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from common import git_identity_env, imported_dataset, measure, start_registry_with_image, table
+from common import (UDOCKER_ROOT_OPTS, git_identity_env, imported_dataset, measure,
+                    start_registry_with_image, table, udocker_env)
 
 
 def main():
@@ -35,16 +35,15 @@ def main():
         rows = [("host: sh -c true", *measure(["sh", "-c", "true"]))]
         rows.append(("datalad-udocker-run, first run (create)", *measure(run, cwd=ds, env=env)))
         rows.append(("datalad-udocker-run, second run (reuse)", *measure(run, cwd=ds, env=env)))
-        uenv = dict(env, UDOCKER_DIR=str(work / "udocker"), UDOCKER_TARBALL="",
-                    UDOCKER_USE_PROOT_EXECUTABLE=shutil.which("proot") or "")
-        root = ["--allow-root"] if os.getuid() == 0 else []
+        uenv = udocker_env(env, work / "udocker")
         name = ref.split("/", 1)[1]
         steps = [("udocker pull (same registry)", ["pull", f"--registry={reg.url}", name]),
                  ("udocker create", ["create", "--name=bench", name]),
                  ("udocker run (existing container)", ["run", "--nobanner", "bench", "true"])]
         for label, cmd in steps:
             try:
-                rows.append((label, *measure(["udocker", *root, *cmd], env=uenv)))
+                rows.append((label, *measure(["udocker", *UDOCKER_ROOT_OPTS, *cmd], env=uenv,
+                                             cwd=work)))
             except SystemExit as exc:
                 print(f"({label} failed here: {exc})")
                 break
