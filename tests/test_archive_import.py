@@ -169,7 +169,11 @@ def test_import_archive_with_source_ref_then_clone_gets_from_registry(saved, reg
     subprocess.run(["git", "clone", "-q", "--bare", ds.path, str(bare)], check=True)
     subprocess.run(["git", "-C", str(bare), "fetch", "-q", ds.path, "git-annex:git-annex"],
                    check=True)
+    # the bare copy must not know the original (datalad clone would add it as a remote and
+    # get the layers from there): the registry is then the only source
+    subprocess.run(["git", "-C", str(bare), "remote", "remove", "origin"], check=True)
     clone = dl.clone(str(bare), tmp_path / "clone", result_renderer="disabled")
+    assert "origin-2" not in git(clone.path, "remote").split()
     got = clone.get(str(Path(clone.path) / ".datalad/environments/multi/image"),
                     result_renderer="disabled", return_type="list")
     assert {r["status"] for r in got} == {"ok"}
