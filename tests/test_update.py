@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from checks import assert_valid_layout, git, imp
+from checks import assert_valid_layout, dataset_state, git, imp
 from fixtures.catalogue import push_standard_as
 from fixtures.proxy import BLOB_PATH
 from fixtures.users import SYSTEM_PATH
@@ -92,15 +92,21 @@ def test_update_by_tag_reuses_layers_and_runs_are_traceable(ds, registry, fault_
     # the tag moves to version 2 (first two layers shared): only the third layer is fetched
     v2 = push_standard_as(registry, "test/multi:2", repo, "latest")
     assert v2.layers[:2] == v1.layers[:2] and v2.layers[2] != v1.layers[2]
+    # a failed update (the new layer arrives corrupt) changes nothing; running it again works
+    before = dataset_state(ds.path)
+    fault_proxy.corrupt(times=None, path=v2.layers[2].digest + "$")
+    res, = update(ds, "tool")
+    assert res["status"] == "error" and v2.layers[2].digest in res["message"], res
+    assert dataset_state(ds.path) == before
     fault_proxy.clear()
     res, = update(ds, "tool")
     assert res["status"] == "ok", res
     assert res["path"] == str(layout) and res["container_name"] == "tool"
     assert res["manifest_digest"] == v2.manifest_digest
     assert res["previous_manifest_digest"] == v1.manifest_digest
+    assert set(blob_gets(fault_proxy)) == {v2.layers[2].digest, v2.config.digest}
     assert res["layers_downloaded"] == [v2.layers[2].digest]
     assert res["layers_reused"] == [l.digest for l in v2.layers[:2]]
-    assert set(blob_gets(fault_proxy)) == {v2.layers[2].digest, v2.config.digest}
     assert_valid_layout(ds.path, layout)
     ds.config.reload()
     assert ds.config.get("datalad.containers.tool.image") == ".datalad/environments/tool/image"
@@ -116,6 +122,10 @@ def test_update_by_tag_reuses_layers_and_runs_are_traceable(ds, registry, fault_
     first, second = run_commits(ds.path)
     assert run_manifest(ds.path, first) == v1.manifest_digest
     assert run_manifest(ds.path, second) == v2.manifest_digest
+    # rerun on top of the first run's parent: the exact image of that record (version 1)
+    ds.rerun(revision=first, onto=first + "^", branch="with-v1", result_renderer="disabled")
+    assert "version=1 " in (Path(ds.path) / "out.txt").read_text()
+    assert run_manifest(ds.path, "HEAD") == v1.manifest_digest
 
 
 def test_update_all_keeps_pinned_and_archive_images(ds, registry, tmp_path):

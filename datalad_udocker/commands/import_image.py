@@ -182,6 +182,9 @@ def _update_one(ds, tracked):
     if outcome.status == "notneeded":
         message = "%s is up to date with %s (manifest %s)" % (
             tracked.name, ref, outcome.manifest_digest)
+    elif outcome.manifest_digest == tracked.manifest_digest:
+        message = "%s: manifest %s unchanged, its record of %s rewritten" % (
+            tracked.name, outcome.manifest_digest, ref)
     else:
         message = ("updated %s from %s: manifest %s (was %s); %d layer(s) "
                    "downloaded, %d reused" % (
