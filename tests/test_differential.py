@@ -31,7 +31,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 
@@ -103,12 +103,16 @@ def udir(nonroot):
     shutil.rmtree(base, ignore_errors=True)
 
 
+def probed_files(host_file: str) -> List[str]:
+    """Files whose size, mode and type are probed: shadowed, image-only, host-only."""
+    return [host_file] + ["/" + p for p, e in sorted(PROBE_ENTRIES.items())
+                          if isinstance(e, im.File)] + ["/etc/passwd", HOST_ONLY]
+
+
 @pytest.fixture(scope="module")
 def probe(host_file):
-    return PROBE.format(files=" ".join([host_file] + [
-        "/" + p for p, e in sorted(PROBE_ENTRIES.items()) if isinstance(e, im.File)] + [
-        "/etc/passwd", HOST_ONLY]), dirs=" ".join(DIRS), diff_dir=DIFF_DIR,
-        executables=" ".join(EXECUTABLES + [host_file]))
+    return PROBE.format(files=" ".join(probed_files(host_file)), dirs=" ".join(DIRS),
+                        diff_dir=DIFF_DIR, executables=" ".join(EXECUTABLES + [host_file]))
 
 
 def parse(stdout: str) -> Outcome:
@@ -186,8 +190,7 @@ def reference(spec: im.Spec, host_file: str) -> Outcome:
         return view.get(path.lstrip("/"))
 
     out: Outcome = {}
-    for path in [host_file] + ["/" + p for p, e in sorted(PROBE_ENTRIES.items())
-                               if isinstance(e, im.File)] + ["/etc/passwd", HOST_ONLY]:
+    for path in probed_files(host_file):
         e = entry(path)
         out[f"stat {path}"] = f"{len(e.data)} {e.mode:o} regular file" if e else "absent"
     for path in DIRS:
@@ -231,34 +234,18 @@ class Known:
 
 
 def _modes(expected: Outcome, change: Callable[[int, bool], int]) -> None:
-    """Rewrite the permission bits of every stat and ls answer with ``change(mode, is_dir)``."""
-    for key, value in list(expected.items()):
+    """Rewrite the permission bits of every stat answer with ``change(mode, is_dir)``, and
+    of every ``ls -l`` line of a file as its stat answer now says."""
+    for key, value in expected.items():
         if key.startswith("stat ") and value != "absent":
             words = value.split(" ")
             i = 1 if words[-1] == "file" else 0
-            is_dir = value.endswith("directory")
-            words[i] = "%o" % change(int(words[i], 8), is_dir)
+            words[i] = "%o" % change(int(words[i], 8), value.endswith("directory"))
             expected[key] = " ".join(words)
-        elif key.startswith("ls ") and not value.startswith("l"):
-            words = value.split(" ")
-            mode = _parse_filemode(words[0])
-            words[0] = stat.filemode(stat.S_IFREG | change(mode, False))
-            expected[key] = " ".join(words)
-
-
-def _parse_filemode(text: str) -> int:
-    mode = 0
-    for i, bit in enumerate((0o400, 0o200, 0o100, 0o040, 0o020, 0o010, 0o004, 0o002, 0o001)):
-        ch = text[1 + i]
-        if ch in "rwxst":
-            mode |= bit
-        if ch in "sS" and i == 2:
-            mode |= 0o4000
-        if ch in "sS" and i == 5:
-            mode |= 0o2000
-        if ch in "tT" and i == 8:
-            mode |= 0o1000
-    return mode
+    for key, value in expected.items():
+        if key.startswith("ls ") and not value.startswith("l"):
+            mode = int(expected[f"stat {DIFF_DIR}/{key[3:]}"].split(" ")[1], 8)
+            expected[key] = " ".join([stat.filemode(stat.S_IFREG | mode)] + value.split(" ")[1:])
 
 
 def _umask_inherited(exp, ctx):
@@ -372,11 +359,17 @@ def expected_outcome(image, mode, spec, ctx) -> Outcome:
     return expected
 
 
+def differences(got: dict, want: dict) -> dict:
+    """``{key: (got, expected)}`` for every key whose values differ (or is in one only)."""
+    return {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want))
+            if got.get(k) != want.get(k)}
+
+
 def explain(image, mode):
     return "\n".join(k.why for k in KNOWN if k.applies(image, mode))
 
 
-# --- the tests ------------------------------------------------------------------------------------
+# --- the tests ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("image", IMAGES)
 def test_docker_run_is_the_reference(docker_outcomes, specs, host_file, image):
     """docker run shows the image's files, as the spec says: the reference holds."""
@@ -390,7 +383,7 @@ def test_probes_agree_with_docker(nonroot, udocker_outcomes, specs, host_file, p
     got = udocker_outcomes(image, mode)
     ctx = {"host_file": host_file, "uid": nonroot.uid, "probe": probe}
     want = expected_outcome(image, mode, specs[image], ctx)
-    diff = {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
+    diff = differences(got, want)
     assert not diff, (f"{image} in {mode} differs from docker run + known differences "
                       f"(got, expected):\n{json.dumps(diff, indent=1)}\n"
                       f"known differences applied:\n{explain(image, mode)}")
@@ -483,7 +476,7 @@ def test_container_rootfs_is_umocis(udir, layouts, udocker_outcomes, umoci_rootf
     udocker_outcomes("coreutils", mode)          # the container exists (created once)
     got = tree(container_root(udir, layouts["coreutils"], mode))
     want = rootfs_known(mode, tree(umoci_rootfs))
-    diff = {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
+    diff = differences(got, want)
     assert not diff, f"{mode} ROOT vs umoci unpack + known differences (got, expected): {diff}"
 
 
