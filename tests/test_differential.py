@@ -61,6 +61,7 @@ ls -l {diff_dir} | while read -r line; do case $line in total*) ;; *) echo "ls: 
 for f in {executables}; do printf 'test -x %s: ' "$f"
   if /bin/test -x "$f"; then echo yes; else echo no; fi; done
 echo "id -u: $(id -u)"
+echo "id -G: $(id -G)"
 echo "umask: $(umask)"
 printf 'yes | head -1: '; yes | head -1
 kill -TERM $$
@@ -210,7 +211,7 @@ def reference(spec: im.Spec, host_file: str) -> Outcome:
         while isinstance(e, im.Symlink):
             e = entry(os.path.join(os.path.dirname(path), e.target))
         out[f"test -x {path}"] = "yes" if e.mode & 0o111 else "no"    # root: any x bit
-    out.update({"id -u": "0", "umask": DOCKER_UMASK, "yes | head -1": "y",
+    out.update({"id -u": "0", "id -G": "0", "umask": DOCKER_UMASK, "yes | head -1": "y",
                 # sh is PID 1 of the container's PID namespace: the kernel drops signals
                 # it sends itself whose action is the default (kill), so it goes on
                 "after kill -TERM": "still running", "after kill -SEGV": "still running",
@@ -265,6 +266,10 @@ def _passwd_bound_0600(exp, ctx):
     exp["stat /etc/passwd"] = f"{size} 600 regular file"
 
 
+def _extra_group(exp, ctx):
+    exp["id -G"] = f"0 {ctx['gid']}"
+
+
 def _passwd_symlink(exp, ctx):
     target = "/.bind_host_files/#etc#passwd"
     exp["stat /etc/passwd"] = f"{len(target)} 777 symbolic link"
@@ -272,7 +277,7 @@ def _passwd_symlink(exp, ctx):
 
 def _caller_uid(exp, ctx):
     uid = str(ctx["uid"])
-    exp["id -u"] = uid
+    exp["id -u"], exp["id -G"] = uid, str(ctx["gid"])
     for key, value in exp.items():
         if key.startswith("ls "):
             exp[key] = value.replace(" 1 root root ", f" 1 {uid} {uid} ")
@@ -325,12 +330,15 @@ KNOWN = [
     Known(("P1", "P2"), tuple(IMAGES),
           "identity: udocker binds its own copy of the image's /etc/passwd, mode 0600 "
           "(issue 9 item 6)", _passwd_bound_0600),
+    Known(("P1", "P2"), tuple(IMAGES),
+          "identity: PRoot's root keeps the caller's gid as an extra group (issue 9 item 6)",
+          _extra_group),
     Known(("R1",), tuple(IMAGES),
           "identity: udocker's R1 setup replaces /etc/passwd by a symlink to a generated "
           "file under /.bind_host_files (issue 9 item 6)", _passwd_symlink),
     Known(("F1",), tuple(IMAGES),
-          "identity: Fakechroot fakes no root: the command runs as the caller's uid, which "
-          "owns the files (issue 9 item 6)", _caller_uid),
+          "identity: Fakechroot fakes no root: the command runs as the caller's uid and gid, "
+          "and the caller owns the files (issue 9 item 6)", _caller_uid),
     Known(("P1", "P2", "F1"), tuple(IMAGES),
           "signals: no PID namespace, the command is not PID 1, so a signal it sends itself "
           "kills it (128+N); under docker run and R1 the kernel drops it for PID 1",
@@ -381,7 +389,7 @@ def test_docker_run_is_the_reference(docker_outcomes, specs, host_file, image):
 def test_probes_agree_with_docker(nonroot, udocker_outcomes, specs, host_file, probe, image,
                                   mode):
     got = udocker_outcomes(image, mode)
-    ctx = {"host_file": host_file, "uid": nonroot.uid, "probe": probe}
+    ctx = {"host_file": host_file, "uid": nonroot.uid, "gid": nonroot.gid, "probe": probe}
     want = expected_outcome(image, mode, specs[image], ctx)
     diff = differences(got, want)
     assert not diff, (f"{image} in {mode} differs from docker run + known differences "
