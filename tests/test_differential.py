@@ -457,8 +457,8 @@ def test_umoci_unpacks_the_image_exactly(umoci_rootfs, specs):
     assert tree(umoci_rootfs) == spec_tree(specs["coreutils"], int(CALLER_UMASK, 8))
 
 
-# (image, mode) -> {path: what the container's ROOT holds instead of umoci's entry (None: absent)}
 def rootfs_known(mode: str, umoci: Dict[str, tuple]) -> Dict[str, tuple]:
+    """The container ROOT a mode makes today: umoci's tree with the known differences."""
     umask = int(CALLER_UMASK, 8)
     want = {}
     for path, entry in umoci.items():
@@ -467,12 +467,15 @@ def rootfs_known(mode: str, umoci: Dict[str, tuple]) -> Dict[str, tuple]:
             continue
         bits = entry[1]
         if entry[0] == "file":
-            bits &= ~0o6000              # setuid/setgid dropped on purpose (KNOWN)
-        bits &= ~0o1000 & ~umask         # issue 9 item 5: caller's umask, sticky dropped
+            bits &= ~0o6000     # setuid/setgid dropped on purpose (as in KNOWN)
+        bits &= ~0o1000 & ~umask     # issue 9 item 5: caller's umask applied, sticky dropped
         want[path] = (entry[0], bits) + entry[2:]
+    # "." is no layer's: udocker makes it under the caller's umask (issue 9 item 5), as
+    # umoci under its own (the same here)
+    want["."] = ("dir", 0o777 & ~umask)
     if mode == "R1":
         # issue 9 item 6: udocker's R1 setup points the identity and resolver files at
-        # generated copies it binds under /.bind_host_files
+        # copies it binds under /.bind_host_files (made under the caller's umask: item 5)
         for name in ("passwd", "group", "host.conf", "resolv.conf"):
             want[f"etc/{name}"] = ("symlink", f"/.bind_host_files/#etc#{name}")
         want[".bind_host_files"] = ("dir", 0o777 & ~umask)
