@@ -470,12 +470,13 @@ def rootfs_known(mode: str, umoci: Dict[str, tuple]) -> Dict[str, tuple]:
             bits &= ~0o6000     # setuid/setgid dropped on purpose (as in KNOWN)
         bits &= ~0o1000 & ~umask     # issue 9 item 5: caller's umask applied, sticky dropped
         want[path] = (entry[0], bits) + entry[2:]
-    # "." is no layer's: udocker makes it under the caller's umask (issue 9 item 5), as
-    # umoci under its own (the same here)
+    # "." is no layer's: udocker makes it under the caller's umask (issue 9 item 5; with
+    # branch r1-signals it is 0755), as umoci under its own (the same here)
     want["."] = ("dir", 0o777 & ~umask)
     if mode == "R1":
         # issue 9 item 6: udocker's R1 setup points the identity and resolver files at
-        # copies it binds under /.bind_host_files (made under the caller's umask: item 5)
+        # copies it binds under /.bind_host_files, made at the first run under the caller's
+        # umask (item 5; still so with branch r1-signals, which fixes the umask of creation)
         for name in ("passwd", "group", "host.conf", "resolv.conf"):
             want[f"etc/{name}"] = ("symlink", f"/.bind_host_files/#etc#{name}")
         want[".bind_host_files"] = ("dir", 0o777 & ~umask)
