@@ -10,34 +10,28 @@ through the real ``datalad-udocker-run`` CLI.
 """
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 
 from fixtures import images as im
+from fixtures.differing import MARKER, differing_rootfs, shadowed_host_file
 from test_runtime import build, run_cli
 
 MODES = ["P1", "P2"]
-MARKER = im.File(b"the container's own file, not the host's\n", 0o640)
 
 
 @pytest.fixture(scope="module")
 def host_file():
     """A host file the image shadows with MARKER (another size and mode)."""
-    path = os.path.realpath(shutil.which("perl") or "/usr/bin/perl")
-    st = os.stat(path)
-    assert (st.st_size, st.st_mode & 0o777) != (len(MARKER.data), MARKER.mode)
-    return path
+    return shadowed_host_file()
 
 
 @pytest.fixture(scope="module")
 def image(nonroot, host_file):
     root = nonroot.make_tempdir("udtest-fidelity-")
-    spec = im.glibc_rootfs(im.COREUTILS_PROGRAMS, extra={host_file: MARKER})
-    assert "etc/debian_version" not in spec and os.path.exists("/etc/debian_version")
-    yield build(root, "coreutils", [im.make_layer(spec)], cmd=["/bin/sh"],
-                env=["PATH=/bin"])
+    yield build(root, "coreutils", [im.make_layer(differing_rootfs(host_file))],
+                cmd=["/bin/sh"], env=["PATH=/bin"])
     shutil.rmtree(root, ignore_errors=True)
 
 

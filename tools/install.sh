@@ -10,7 +10,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo/.venv"
-packages=(git git-annex proot fakechroot patchelf runc docker-registry skopeo umoci docker.io
+packages=(git git-annex proot fakechroot patchelf runc docker-registry skopeo umoci oci-image-tool docker.io
           busybox-static zstd apache2-utils python3 python3-venv slurm-wlm munge)
 services=(docker-registry docker docker.socket containerd munge slurmctld slurmd)
 
