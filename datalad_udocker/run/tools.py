@@ -396,11 +396,66 @@ def write_wrappers(bin_dir, tools, fds):
         env["UDOCKER_USE_RUNC_EXECUTABLE"] = wrap(
             name, tools["runc"], "Bypasses udocker's pseudo-terminal copy.")
     if "fakechroot_so" in tools:
-        if tools["fakechroot_so"]:      # else udocker picks its own
-            env["UDOCKER_FAKECHROOT_SO"] = tools["fakechroot_so"]
-        env["UDOCKER_USE_PATCHELF_EXECUTABLE"] = tools["patchelf"]
+        env.update(fakechroot_env(bin_dir, tools))
         wrap("env", _which("env") or "/usr/bin/env",
              "udocker's F1 engine runs 'env -i VARS... COMMAND'.")
+    return env
+
+
+# --- F1: patchelf and the image's loader -------------------------------------
+# udocker's F1 engine starts every program through the image's own loader
+# (``ROOT/lib64/ld-linux-x86-64.so.2 ROOT/usr/bin/PROGRAM``), found with
+# ``patchelf -q --print-interpreter`` on the image's executables and kept in
+# the container's ``ld.so.path``.  ``-q`` exists only in udocker's own
+# patchelf: Debian's (0.14.3) rejects it, so without our wrapper udocker
+# never finds the loader, runs patchelf on every executable of /bin,
+# /usr/bin and /lib64 on every run (about 1,000 times for a Debian image)
+# and the kernel starts programs with the HOST's loader next to the image's
+# libc.  F1 runs no other patchelf command (--set-interpreter, --set-rpath
+# and --set-root-prefix belong to F2-F4).
+
+_PATCHELF_WRAPPER = """#!/bin/bash
+# Written by datalad-udocker: calls {real}.
+# Drops udocker's '-q' (only udocker's own patchelf knows it) and, as '-q'
+# means, discards patchelf's messages.
+args=()
+quiet=0
+for arg in "$@"; do
+  if [ "$arg" = -q ]; then quiet=1; else args+=("$arg"); fi
+done
+if [ "$quiet" = 1 ]; then
+  exec {real_q} "${{args[@]}}" 2>/dev/null
+fi
+exec {real_q} "${{args[@]}}"
+"""
+
+#: Python program (``python -c F1_RECORD_LOADER CONTAINER``, udocker's
+#: environment, udocker's working directory) with which udocker finds the
+#: image's loader and records it in the container's ``ld.so.path``, as its
+#: first F1 run would; prints the loader's path ("" for static images)
+F1_RECORD_LOADER = (
+    "import sys; from udocker.config import Config; "
+    "from udocker.container.localrepo import LocalRepository; "
+    "from udocker.helper.elfpatcher import ElfPatcher; "
+    "Config().getconf(); "
+    "print(ElfPatcher(LocalRepository(), sys.argv[1]).get_container_loader())")
+
+
+def fakechroot_env(bin_dir, tools):
+    """udocker's F1 settings for ``tools`` (of :func:`find_tools`), its
+    patchelf being our wrapper, written into ``bin_dir``, that drops ``-q``.
+    """
+    bin_dir = Path(bin_dir)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    env = {}
+    if tools.get("fakechroot_so"):      # else udocker picks its own
+        env["UDOCKER_FAKECHROOT_SO"] = tools["fakechroot_so"]
+    if tools.get("patchelf"):
+        path = bin_dir / "patchelf"
+        path.write_text(_PATCHELF_WRAPPER.format(
+            real=tools["patchelf"], real_q=shlex.quote(tools["patchelf"])))
+        path.chmod(0o755)
+        env["UDOCKER_USE_PATCHELF_EXECUTABLE"] = str(path)
     return env
 
 

@@ -30,7 +30,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CommandNotFound, RuntimeError_  # noqa: F401 (re-export)
-from .tools import udocker_environment, write_wrappers
+from .tools import (F1_RECORD_LOADER, fakechroot_env,
+                    udocker_environment, write_wrappers)
 
 HIDDEN_ARGS_VAR = "DATALAD_UDOCKER_HIDDEN_ARGS"
 _UDOCKER_MAIN = (
@@ -105,12 +106,21 @@ class UdockerCLI:
         return ids[-1]
 
     def setup(self, container, execmode, tools):
-        """``udocker setup --execmode=MODE`` (F1 patches the container)."""
-        env = {k: v for k, v in (
-            ("UDOCKER_FAKECHROOT_SO", tools.get("fakechroot_so")),
-            ("UDOCKER_USE_PATCHELF_EXECUTABLE", tools.get("patchelf"))) if v}
-        rc, out = self.call(["setup", "--execmode=" + execmode, container],
-                            env)
+        """``udocker setup --execmode=MODE``; for F1 udocker then also
+        records the image's loader (:data:`.tools.F1_RECORD_LOADER`) so that
+        runs never search for it."""
+        (self.work_dir / "run").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.work_dir / "run") as tmp:
+            env = fakechroot_env(tmp, tools) if execmode == "F1" else {}
+            rc, out = self.call(["setup", "--execmode=" + execmode,
+                                 container], env)
+            if execmode == "F1" and not (rc or "Error" in out):
+                proc = subprocess.run(
+                    [sys.executable, "-c", F1_RECORD_LOADER, container],
+                    cwd=self.work_dir, stdin=subprocess.DEVNULL,
+                    capture_output=True, text=True,
+                    env=udocker_environment(self.udocker_dir, env))
+                rc, out = proc.returncode, proc.stdout + proc.stderr
         if rc or "Error" in out:
             raise RuntimeError_("udocker could not set up execution mode %s: "
                                 "%s" % (execmode, first_error(out)))
