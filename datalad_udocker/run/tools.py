@@ -41,7 +41,9 @@ wrappers (:func:`write_wrappers`) that
   the command did, and gives the command's real exit code in every mode.
 
 For F1 udocker runs ``env -i ... COMMAND`` found on ``PATH``, so the wrapper
-directory goes first on udocker's ``PATH`` and holds an ``env`` wrapper.
+directory goes first on udocker's ``PATH`` and holds an ``env`` wrapper,
+and a ``patchelf`` wrapper that makes Debian's patchelf usable by udocker
+(:func:`fakechroot_env`).
 """
 import contextlib
 import fcntl
