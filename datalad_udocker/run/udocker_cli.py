@@ -30,8 +30,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CommandNotFound, RuntimeError_  # noqa: F401 (re-export)
-from .tools import (F1_RECORD_LOADER, fakechroot_env,
-                    udocker_environment, write_wrappers)
+from .tools import udocker_environment, write_wrappers
 
 HIDDEN_ARGS_VAR = "DATALAD_UDOCKER_HIDDEN_ARGS"
 _UDOCKER_MAIN = (
@@ -109,6 +108,7 @@ class UdockerCLI:
         """``udocker setup --execmode=MODE``; for F1 udocker then also
         records the image's loader (:data:`.tools.F1_RECORD_LOADER`) so that
         runs never search for it."""
+        from .tools import F1_RECORD_LOADER, fakechroot_env
         (self.work_dir / "run").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.work_dir / "run") as tmp:
             env = fakechroot_env(tmp, tools) if execmode == "F1" else {}
@@ -120,7 +120,10 @@ class UdockerCLI:
                     cwd=self.work_dir, stdin=subprocess.DEVNULL,
                     capture_output=True, text=True,
                     env=udocker_environment(self.udocker_dir, env))
-                rc, out = proc.returncode, proc.stdout + proc.stderr
+                rc, out = proc.returncode, proc.stdout
+                if rc:          # a traceback says most in its last line
+                    out += "Error: finding the image's loader: " + (
+                        proc.stderr.strip().splitlines() or ["?"])[-1]
         if rc or "Error" in out:
             raise RuntimeError_("udocker could not set up execution mode %s: "
                                 "%s" % (execmode, first_error(out)))
