@@ -24,13 +24,16 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import RuntimeError_
-from .tools import udocker_environment, write_wrappers
+from .supervise import FORWARDED, STOPPING
+from .tools import STOP_GRACE, udocker_environment, write_wrappers
 
 HIDDEN_ARGS_VAR = "DATALAD_UDOCKER_HIDDEN_ARGS"
 _UDOCKER_MAIN = (
@@ -39,6 +42,7 @@ _UDOCKER_MAIN = (
     "at, hidden = json.loads(os.environ.pop(%r, '[0, []]')); "
     "sys.argv[at:at] = hidden; "
     "sys.exit(main())" % HIDDEN_ARGS_VAR)
+LAST_RESORT = 15      # seconds udocker gets after the grace period to end
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
                       r"[0-9a-f]{12}$")
 
@@ -64,6 +68,72 @@ def _missing_command(messages, command):
     return " ".join(command) or "its Entrypoint/Cmd"
 
 
+def _signal_supervisor(pidfile, signum):
+    """Send ``signum`` to the supervisor whose pid is in ``pidfile``; False
+    when it is not running (yet)."""
+    try:
+        pid = int(Path(pidfile).read_text())
+        os.kill(pid, signum)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def forwarding_signals(argv, popen_kwargs, pidfile, grace):
+    """Run ``argv`` in a session of its own, passing the signals of
+    :data:`.supervise.FORWARDED` we get on to the supervisor (pid in
+    ``pidfile``) once it runs; returns the exit status.
+
+    Signals we ignore stay ignored; outside the main thread none can be
+    caught.  Should udocker not end ``grace`` + :data:`LAST_RESORT`
+    seconds after a TERM, INT, HUP or QUIT, its process group is killed.
+    """
+    pending, stop_at = [], []
+
+    def flush():
+        while pending and _signal_supervisor(pidfile, pending[0]):
+            pending.pop(0)
+
+    def on_signal(signum, _frame):
+        if pending or not _signal_supervisor(pidfile, signum):
+            pending.append(signum)       # in order, after those waiting
+        if signum in STOPPING and not stop_at:
+            stop_at.append(time.monotonic() + grace + LAST_RESORT)
+
+    previous = {}
+    try:
+        for signum in FORWARDED:
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, on_signal)
+    except ValueError:                  # not the main thread: none caught
+        pass
+    try:
+        proc = subprocess.Popen(argv, start_new_session=True,
+                                **popen_kwargs)
+        try:
+            while True:
+                # a signal that came before the supervisor ran is retried
+                timeout = 0.2 if pending else (
+                    max(0.0, stop_at[0] - time.monotonic()) if stop_at
+                    else None)
+                try:
+                    return proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    flush()
+                    if stop_at and time.monotonic() >= stop_at[0]:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        stop_at.clear()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None
+                          else handler)
+
+
 class UdockerCLI:
     """udocker commands on one udocker directory."""
 
@@ -72,11 +142,15 @@ class UdockerCLI:
         self.work_dir = Path(work_dir)
 
     def call(self, args, tool_env=None, bin_dir=None, pass_fds=(),
-             stdin=subprocess.DEVNULL, hidden=()):
+             stdin=subprocess.DEVNULL, hidden=(), signals_to=None,
+             grace=STOP_GRACE):
         """Run ``udocker -q ARGS``; returns (status, its messages as text).
 
         ``hidden`` options go after the subcommand ``ARGS[0]`` without
-        appearing on the command line (see the module doc).
+        appearing on the command line (see the module doc).  With
+        ``signals_to`` (the supervisor's pid file, see :meth:`run`) udocker
+        runs in a session of its own and the signals we get are passed on
+        (see :func:`forwarding_signals`).
         """
         self.work_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-c", _UDOCKER_MAIN, "-q"]
@@ -89,12 +163,16 @@ class UdockerCLI:
             at = len(argv) - 2 + 1
             env[HIDDEN_ARGS_VAR] = json.dumps([at, list(hidden)])
         with tempfile.TemporaryFile(dir=self.work_dir) as messages:
-            proc = subprocess.run(
-                argv + list(args), cwd=self.work_dir, stdin=stdin,
-                stdout=messages, stderr=subprocess.STDOUT, pass_fds=pass_fds,
-                env=env)
+            kwargs = dict(cwd=self.work_dir, stdin=stdin, stdout=messages,
+                          stderr=subprocess.STDOUT, pass_fds=pass_fds,
+                          env=env)
+            if signals_to is None:
+                rc = subprocess.run(argv + list(args), **kwargs).returncode
+            else:
+                rc = forwarding_signals(argv + list(args), kwargs,
+                                        signals_to, grace)
             messages.seek(0)
-            return proc.returncode, messages.read().decode(errors="replace")
+            return rc, messages.read().decode(errors="replace")
 
     def create(self, name, image_spec):
         """``udocker create --name=NAME SPEC``; returns the container id.
@@ -125,14 +203,21 @@ class UdockerCLI:
         rc, _ = self.call(["rm", "-f", container])
         return rc == 0
 
-    def run(self, run_args, container, command, tools, capture, env=None):
+    def run(self, run_args, container, command, tools, capture, env=None,
+            grace=STOP_GRACE):
         """``udocker run RUN_ARGS CONTAINER COMMAND...``.
 
         ``env`` (a dict) sets variables in the container, their values kept
-        off every command line.  Returns ``(exit code, stdout, stderr)`` of the command, the outputs
-        as bytes when ``capture`` (else None: they went to our stdout and
-        stderr).  Raises CommandNotFound or RuntimeError_ when udocker did
-        not start the command.
+        off every command line.  Returns ``(exit code, stdout, stderr)`` of
+        the command, the outputs as bytes when ``capture`` (else None: they
+        went to our stdout and stderr).  Raises CommandNotFound or
+        RuntimeError_ when udocker did not start the command.
+
+        As under ``docker run``, TERM, INT, HUP, QUIT, USR1 and USR2 sent
+        to this process (in its main thread) go to the command; ``grace``
+        seconds after a TERM, INT, HUP or QUIT every process of the run is
+        killed and the status is 137.  udocker runs in a session of its
+        own, so a terminal's ^C reaches the command once, through us.
         """
         run_root = self.work_dir / "run"
         run_root.mkdir(parents=True, exist_ok=True)
@@ -149,13 +234,14 @@ class UdockerCLI:
                 fds = [os.dup(1), os.dup(2), files[2].fileno()]
                 stack.callback(os.close, fds[0])
                 stack.callback(os.close, fds[1])
-            tool_env = write_wrappers(tmp / "bin", tools, fds)
+            pidfile = tmp / "supervisor.pid"
+            tool_env = write_wrappers(tmp / "bin", tools, fds, pidfile, grace)
             rc, messages = self.call(
                 ["run"] + list(run_args) + [container] + list(command),
                 tool_env, bin_dir=tmp / "bin", pass_fds=fds,
                 stdin=subprocess.DEVNULL if capture else None,
                 hidden=["--env=%s=%s" % kv for kv in sorted(
-                    (env or {}).items())])
+                    (env or {}).items())], signals_to=pidfile, grace=grace)
             for f in files:      # the children moved the shared offsets
                 f.seek(0)
             status = files[2].read().decode().split()
