@@ -12,6 +12,7 @@ runc state, no runc spec).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
@@ -119,10 +120,14 @@ class Run:
         try:
             out, err = self.proc.communicate(timeout=bound)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-            pytest.fail("the run did not end %ds after the signal: %s"
-                        % (bound, err.decode()))
+            left = survivors(self.markers)
+            for pid in left:       # they may hold our pipes open
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = self.proc.communicate(timeout=30)
+            pytest.fail("the run did not end %ds after the signal (%d "
+                        "processes left): %s" % (bound, len(left),
+                                                 err.decode()))
         return (self.proc.returncode, out.decode(), err.decode(),
                 time.monotonic() - self.sent)
 
