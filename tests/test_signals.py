@@ -56,6 +56,15 @@ def dataset(nonroot):
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test():
+    """Whatever a failing test leaves running is killed after it."""
+    yield
+    for run in Run.started:
+        run.kill()
+    Run.started.clear()
+
+
 def state(udir: Path):
     """Every path in the udocker directory but the containers' ROOTs."""
     found = set()
@@ -91,8 +100,11 @@ class Run:
     launcher drops from stderr only up to its first newline.
     """
 
+    started: list = []
+
     def __init__(self, nonroot, udir, image, dataset, mode, script,
                  grace=GRACE):
+        Run.started.append(self)
         self.mark = str(3000 + os.getpid() % 1000 * 10 + next(_serial) % 10)
         self.markers = ("MARK=%s;" % self.mark,
                         "sleep\0%s\0" % self.mark)
@@ -104,6 +116,15 @@ class Run:
         self.proc = subprocess.Popen(
             nonroot.command(argv), cwd=str(dataset), env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def kill(self):
+        """SIGKILL every process of the run (they may hold our pipes open);
+        returns their pids."""
+        left = survivors(self.markers)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return left
 
     def line(self, timeout=180):
         """The command's next stdout line."""
@@ -120,10 +141,7 @@ class Run:
         try:
             out, err = self.proc.communicate(timeout=bound)
         except subprocess.TimeoutExpired:
-            left = survivors(self.markers)
-            for pid in left:       # they may hold our pipes open
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+            left = self.kill()
             out, err = self.proc.communicate(timeout=30)
             pytest.fail("the run did not end %ds after the signal (%d "
                         "processes left): %s" % (bound, len(left),

@@ -20,6 +20,7 @@ CLI and its on-disk layout are the contract.  Every call here
 capture files) through the tool wrappers and returns its real exit code.
 """
 import ast
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -166,14 +168,26 @@ def _layer_members(path):
         proc.wait()
 
 
-def image_modes(layers):
+def _fed_image_modes(tag_dir, stop):
+    """:func:`image_modes` of the image fed into udocker's ``tag_dir``."""
+    layers = [tag_dir / layer["digest"] for layer in json.loads(
+        (tag_dir / "manifest").read_bytes())["layers"]]
+    return image_modes(layers, stop)
+
+
+def image_modes(layers, stop=None):
     """``{relative path: mode}`` of the image's final file system, from the
     headers of ``layers`` (lowest first), whiteouts applied as udocker
     applies them; symlinks and hard links (they share their target's
-    inode) are left out."""
+    inode) are left out.  Gives up (returns None) once ``stop`` (an
+    Event) is set."""
     modes = {}
     for layer in layers:
-        members = list(_layer_members(layer))
+        members = []
+        for member in _layer_members(layer):
+            if stop is not None and stop.is_set():
+                return None
+            members.append(member)
         for member in members:                # udocker: whiteouts first
             name = _member_path(member.name)
             head, _, base = name.rpartition("/")
@@ -273,23 +287,29 @@ class UdockerCLI:
         not list are 0755, as under Docker) and then the modes of the
         layers' headers are restored (:func:`restore_modes`).
         """
-        rc, out = self.call(["create", "--name=" + name, image_spec],
-                            umask=RUN_UMASK)
-        ids = [w for w in out.split() if _UUID_RE.match(w)]
-        if rc or not ids or "Error" in out:
-            raise RuntimeError_("udocker could not create a container from "
-                                "%s: %s" % (image_spec, first_error(out)))
         repo, _, tag = image_spec.rpartition(":")
         tag_dir = self.udocker_dir / "repos" / repo / tag
-        root = self.udocker_dir / "containers" / ids[-1] / "ROOT"
-        try:
-            layers = [tag_dir / layer["digest"] for layer in json.loads(
-                (tag_dir / "manifest").read_bytes())["layers"]]
-            restore_modes(root, image_modes(layers))
-        except (OSError, ValueError, KeyError, TypeError,
-                tarfile.TarError) as exc:
-            raise RuntimeError_("could not give %s the permissions of the "
-                                "image's layers: %s" % (root, exc))
+        stop = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+                contextlib.ExitStack() as stack:
+            # the headers are read while udocker extracts (zlib and zstd
+            # decompress outside the GIL); on any error the reading stops
+            modes = pool.submit(_fed_image_modes, tag_dir, stop)
+            stack.callback(stop.set)
+            rc, out = self.call(["create", "--name=" + name, image_spec],
+                                umask=RUN_UMASK)
+            ids = [w for w in out.split() if _UUID_RE.match(w)]
+            if rc or not ids or "Error" in out:
+                raise RuntimeError_("udocker could not create a container "
+                                    "from %s: %s" % (image_spec,
+                                                     first_error(out)))
+            root = self.udocker_dir / "containers" / ids[-1] / "ROOT"
+            try:
+                restore_modes(root, modes.result())
+            except (OSError, ValueError, KeyError, TypeError,
+                    tarfile.TarError) as exc:
+                raise RuntimeError_("could not give %s the permissions of "
+                                    "the image's layers: %s" % (root, exc))
         return ids[-1]
 
     def setup(self, container, execmode, tools):
