@@ -26,10 +26,10 @@ unchanged.  Signals sent to this process while the command runs go to it,
 as under ``docker run`` (TERM, INT, HUP, QUIT, USR1, USR2); after a TERM,
 INT, HUP or QUIT the command gets ``datalad.udocker.stop-timeout`` seconds
 (default 10) to end, then every process of the run is killed and the exit
-status is 137, as after ``docker stop``.  When the command cannot be started a single line
-``datalad-udocker-run: error: ...`` goes to stderr and the exit status
-follows ``docker run``: 127 when the command does not exist in the
-container, 125 for every other failure (missing or corrupt layers, a
+status is 137, as after ``docker stop``.  When the command cannot be
+started a single line ``datalad-udocker-run: error: ...`` goes to stderr and
+the exit status follows ``docker run``: 127 when the command does not exist
+in the container, 125 for every other failure (missing or corrupt layers, a
 missing execution tool, an unknown execution mode, ...).
 """
 import argparse
