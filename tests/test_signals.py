@@ -166,9 +166,10 @@ def ordinary_run(nonroot, udir, image, dataset, mode):
 
 
 def assert_nothing_left(run, udir, before):
+    """No process of ``run`` is left, and the udocker directory is as it
+    was (per-run temp directories, runc state and spec included)."""
     assert survivors(run.markers) == []
     assert state(udir) == before
-    assert not list((udir / "datalad-udocker" / "run").iterdir())
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -190,12 +191,14 @@ def test_command_ignoring_the_signal_is_killed_after_the_grace(
 @pytest.mark.parametrize("mode", MODES)
 def test_signals_reach_the_command(nonroot, udir, image, dataset, mode):
     """Each forwarded signal reaches the command once; a command that ends on
-    TERM ends the run at once, with its own status."""
+    TERM ends the run at once, with its own status.  (The command's traps run
+    between its one-second sleeps: a trap during ``wait`` can be lost in
+    busybox's shell.)"""
     before = ordinary_run(nonroot, udir, image, dataset, mode)
     names = ["USR1", "USR2", "HUP", "QUIT", "INT"]
     script = "".join("trap 'echo got-%s' %s; " % (n, n) for n in names) + (
-        "trap 'echo got-TERM; kill $!; wait; exit 3' TERM; "
-        "echo started; sleep $MARK & while :; do wait $!; done")
+        "trap 'echo got-TERM; exit 3' TERM; "
+        "echo started; while :; do sleep 1; done")
     run = Run(nonroot, udir, image, dataset, mode, script, grace=60)
     assert run.line() == "started\n"
     for name in names:

@@ -180,11 +180,12 @@ def main(argv):
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     sup = Supervisor(grace, cleanup)
     set_subreaper()
-    sup.start(command, mask)
+    # before the command starts: a signal for it finds us from then on
     tmp = "%s.%d" % (pidfile, os.getpid())
     with open(tmp, "w") as f:
         f.write("%d\n" % os.getpid())
     os.replace(tmp, pidfile)
+    sup.start(command, mask)
     try:
         return sup.run(watched)
     finally:

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import stat
 import subprocess
@@ -92,54 +93,68 @@ def forwarding_signals(argv, popen_kwargs, pidfile, grace):
     :data:`.supervise.FORWARDED` we get on to the supervisor (pid in
     ``pidfile``) once it runs; returns the exit status.
 
-    Signals we ignore stay ignored; outside the main thread none can be
-    caught.  Should udocker not end ``grace`` + :data:`LAST_RESORT`
-    seconds after a TERM, INT, HUP or QUIT, its process group is killed.
+    The handlers only note a signal and wake a thread that passes it on
+    (retrying until the supervisor runs).  Signals we ignore stay ignored;
+    outside the main thread none can be caught.  Should udocker not end
+    ``grace`` + :data:`LAST_RESORT` seconds after a TERM, INT, HUP or QUIT,
+    its process group is killed.
     """
-    pending, stop_at = [], []
-
-    def flush():
-        while pending and _signal_supervisor(pidfile, pending[0]):
-            pending.pop(0)
+    pending, stop_at, done = [], [], []
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
 
     def on_signal(signum, _frame):
-        if pending or not _signal_supervisor(pidfile, signum):
-            pending.append(signum)       # in order, after those waiting
+        pending.append(signum)
         if signum in STOPPING and not stop_at:
             stop_at.append(time.monotonic() + grace + LAST_RESORT)
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"!")
+
+    def forwarder(proc):
+        while not done:
+            timeout = 0.2 if pending else (
+                max(0.0, stop_at[0] - time.monotonic()) if stop_at else None)
+            if select.select([wake_r], [], [], timeout)[0]:
+                os.read(wake_r, 512)
+            while pending and not done and \
+                    _signal_supervisor(pidfile, pending[0]):
+                pending.pop(0)
+            if stop_at and time.monotonic() >= stop_at[0] and not done:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                stop_at.clear()
 
     previous = {}
+    thread = None
     try:
-        for signum in FORWARDED:
-            if signal.getsignal(signum) != signal.SIG_IGN:
-                previous[signum] = signal.signal(signum, on_signal)
-    except ValueError:                  # not the main thread: none caught
-        pass
-    try:
+        try:
+            for signum in FORWARDED:
+                if signal.getsignal(signum) != signal.SIG_IGN:
+                    previous[signum] = signal.signal(signum, on_signal)
+        except ValueError:              # not the main thread: none caught
+            pass
         proc = subprocess.Popen(argv, start_new_session=True,
                                 **popen_kwargs)
+        thread = threading.Thread(target=forwarder, args=(proc,),
+                                  daemon=True)
+        thread.start()
         try:
-            while True:
-                # a signal that came before the supervisor ran is retried
-                timeout = 0.2 if pending else (
-                    max(0.0, stop_at[0] - time.monotonic()) if stop_at
-                    else None)
-                try:
-                    return proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    flush()
-                    if stop_at and time.monotonic() >= stop_at[0]:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        stop_at.clear()
+            return proc.wait()
         except BaseException:
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
     finally:
+        done.append(True)
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None
                           else handler)
+        if thread is not None:
+            os.write(wake_w, b"!")
+            thread.join()
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 # --- permissions of extracted layers ---------------------------------------
