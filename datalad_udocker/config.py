@@ -17,6 +17,10 @@ reader.
 ``datalad.udocker.dir``
     udocker's directory (repos, layers, containers); default
     ``$XDG_CACHE_HOME/datalad-udocker/udocker`` (env: DATALAD_UDOCKER_DIR).
+``datalad.udocker.stop-timeout``
+    Seconds an interrupted run's command gets to end after the TERM, INT,
+    HUP or QUIT passed on to it, before every process of the run is killed
+    (default 10, as ``docker stop``).
 ``datalad.udocker.jobs``
     Parallel layer downloads during import (default 4).
 ``datalad.udocker.tools-tarball``
@@ -121,3 +125,10 @@ def cache_dir():
 
 def execmode(dataset=None):
     return str(get("execmode", "P1", dataset)).upper()
+
+
+def stop_timeout(dataset=None):
+    try:
+        return max(0.0, float(get("stop-timeout", 10, dataset)))
+    except ValueError:
+        return 10.0

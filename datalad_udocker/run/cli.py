@@ -22,14 +22,19 @@ Users can call it directly::
 IMAGE is the image's layout directory in a dataset.  Missing layers are
 fetched with ``datalad get`` first; an empty CMD runs the image's Entrypoint
 and Cmd.  The command's stdout, stderr and exit status are passed through
-unchanged.  When the command cannot be started a single line
-``datalad-udocker-run: error: ...`` goes to stderr and the exit status
-follows ``docker run``: 127 when the command does not exist in the
-container, 125 for every other failure (missing or corrupt layers, a
+unchanged.  Signals sent to this process while the command runs go to it,
+as under ``docker run`` (TERM, INT, HUP, QUIT, USR1, USR2); after a TERM,
+INT, HUP or QUIT the command gets ``datalad.udocker.stop-timeout`` seconds
+(default 10) to end, then every process of the run is killed and the exit
+status is 137, as after ``docker stop``.  When the command cannot be
+started a single line ``datalad-udocker-run: error: ...`` goes to stderr and
+the exit status follows ``docker run``: 127 when the command does not exist
+in the container, 125 for every other failure (missing or corrupt layers, a
 missing execution tool, an unknown execution mode, ...).
 """
 import argparse
 import logging
+import signal
 import sys
 
 from ..callformat import RUNNER as PROG
@@ -60,12 +65,28 @@ def parse_args(argv):
     return args
 
 
+class Interrupted(BaseException):
+    """TERM or HUP before the command ran: like ^C, it unwinds (what a
+    first run was creating is removed) and we exit with 128+N."""
+
+
+def _interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
 def main(argv=None):
-    """Run the image; returns (and as a script exits with) the status."""
+    """Run the image; returns (and as a script exits with) the status.
+
+    While the command runs, the signals we get go to it (see
+    :meth:`.UdockerCLI.run`); before, TERM and HUP unwind like ^C.
+    """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # datalad's own logging would otherwise mix with the command's stderr
     logging.getLogger("datalad").setLevel(logging.WARNING)
     from .runtime import CommandNotFound, run_image
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _interrupted)
     try:
         result = run_image(args.image, args.command, dataset=args.dataset,
                            execmode=args.execmode, capture=False,
@@ -77,7 +98,9 @@ def main(argv=None):
         _error(exc)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGINT
+    except Interrupted as exc:
+        return 128 + exc.args[0]
     return result.exit_code
 
 

@@ -18,7 +18,10 @@ in milliseconds.  It
    drops PRoot's own ``proot info:`` lines (``pid N: terminated with signal
    S`` and the like).  The command's stderr is thus a pipe, as under
    ``docker run`` without ``-t``;
-3. exits with the main command's status as Docker reports it: its exit code,
+3. passes TERM, INT, HUP, QUIT, USR1 and USR2 on to the process PRoot
+   started (PRoot ignores them), as ``docker run`` does; :mod:`.supervise`
+   above kills what is left after a grace period;
+4. exits with the main command's status as Docker reports it: its exit code,
    or 128+N when a signal N killed it.  PRoot itself exits with the status
    of the *last* process that exited normally (255 when none did), so the
    status is taken from its per-process lines: ``vpid 1`` (PRoot >= 5.2
@@ -63,6 +66,8 @@ UNTRANSLATED = {    # machine -> {audit architecture: numbers}
                 0x40000028: (397, 382, 387) + _COMMON},    # arm
 }
 
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+             signal.SIGUSR1, signal.SIGUSR2)
 _PREFIX = b"proot info: "
 HOLD = 0.2    # seconds a partial line that may be PRoot's waits for the rest
 
@@ -198,6 +203,18 @@ class StderrFilter:
                 return status
 
 
+def forward(proot, signum):
+    """Pass ``signum`` on to the process PRoot started (the command), as
+    ``docker run`` does; PRoot itself ignores TERM, INT, HUP and takes QUIT,
+    USR1, USR2 for itself."""
+    try:
+        with open("/proc/%d/task/%d/children" % (proot[0], proot[0])) as f:
+            command = int(f.read().split()[0])
+        os.kill(command, signum)
+    except (IndexError, ValueError, OSError):
+        pass        # not started or gone: the supervisor's grace kill ends it
+
+
 def main(argv):
     if len(argv) < 1:
         sys.stderr.write("usage: proot_launch.py PROOT [ARGS...]\n")
@@ -207,12 +224,14 @@ def main(argv):
         os.write(2, ("datalad-udocker: warning: programs in the container may "
                      "see the host's file metadata (%s): use execution mode "
                      "R1 or F1 if that matters\n" % failed).encode())
-    # like a shell with a foreground job: ^C and ^\ are for the command (a
-    # caught signal, unlike an ignored one, is default again after exec)
-    for signum in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, lambda *_: None)
+    # signals are for the command: PRoot ignores them (a caught signal,
+    # unlike an ignored one, is default again after exec)
+    proot = []
+    for signum in FORWARDED:
+        signal.signal(signum, lambda signum, _: forward(proot, signum))
     read_end, write_end = os.pipe()
     pid = os.fork()
+    proot.append(pid)
     if pid == 0:                                      # child: PRoot
         try:
             for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python's SIG_IGN

@@ -336,6 +336,11 @@ class Runtime:
         With ``capture`` the output is returned, else it goes to this
         process's stdout/stderr.  Returns a RunResult; raises UdockerError
         subclasses when the command could not be started.
+
+        Signals sent to this process during the run go to the command as
+        under ``docker run``; ``datalad.udocker.stop-timeout`` seconds
+        (default 10) after a TERM, INT, HUP or QUIT every process of the run
+        is killed and the exit code is 137 (see :meth:`.UdockerCLI.run`).
         """
         bad = [k for k in (env or {}) if not _ENV_NAME.match(str(k))]
         if bad:
@@ -369,7 +374,8 @@ class Runtime:
             try:
                 code, out, err = self.udocker.run(
                     opts, entry.container_id, command,
-                    find_tools(self.execmode, self.udocker_dir), capture, env)
+                    find_tools(self.execmode, self.udocker_dir), capture, env,
+                    grace=config.stop_timeout())
             finally:
                 if self.execmode == "R1":
                     _drop_runc_spec(fd, entry.path)

@@ -33,6 +33,9 @@ wrappers (:func:`write_wrappers`) that
   container's files, never the host's), drops PRoot's ``proot info:`` lines
   from stderr and exits with the command's status as Docker reports it
   (128+N after signal N, where PRoot says 255);
+* run the tool under :mod:`.supervise`, which passes the runner's signals
+  on to the command as ``docker run`` does and kills every process of the
+  run after a grace period (no process of an interrupted run survives);
 * send the user command's stdout and stderr to the caller's file
   descriptors and report its exit status on a third one.  This keeps
   udocker's own messages (banners, warnings, R1's ``<Popen: returncode: N>``)
@@ -74,6 +77,12 @@ EXEC_MODES = {
 # site: it starts in milliseconds)
 PROOT_LAUNCHER = (sys.executable, "-I", "-S",
                   str(Path(__file__).with_name("proot_launch.py")))
+# the stdlib-only script every wrapper runs its tool under: passes the
+# runner's signals on, kills what is left after the grace period
+SUPERVISOR = (sys.executable, "-I", "-S",
+              str(Path(__file__).with_name("supervise.py")))
+STOP_GRACE = 10.0    # seconds, as `docker stop`
+TOOL_CLEANUP = 2.0   # seconds runc and PRoot get to end after the command
 
 _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _FAKECHROOT_GLOBS = ("/usr/lib/*/fakechroot/libfakechroot.so",
@@ -365,21 +374,27 @@ exec {real_q} "${{args[@]}}"     # udocker's own probes, e.g. 'proot --help'
 """
 
 
-def write_wrappers(bin_dir, tools, fds):
+def write_wrappers(bin_dir, tools, fds, pidfile, grace=STOP_GRACE):
     """Write the wrappers for ``tools`` into ``bin_dir``.
 
     ``fds`` is ``(stdout, stderr, status)``: descriptor numbers udocker
-    inherits from us and passes on to the tool it runs.  Returns the
-    environment entries pointing udocker at the wrappers.
+    inherits from us and passes on to the tool it runs.  Each wrapper runs
+    its tool under :mod:`.supervise`, which writes its pid to ``pidfile``
+    (signals for the command go there) and kills what is left ``grace``
+    seconds after a TERM, INT, HUP or QUIT.  Returns the environment
+    entries pointing udocker at the wrappers.
     """
     out, err, status = fds
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
     env = {}
 
-    def wrap(name, real, purpose, dropk=False, launcher=()):
+    def wrap(name, real, purpose, dropk=False, launcher=(), cleanup=0.0):
+        command = list(SUPERVISOR) + [str(pidfile), repr(float(grace)),
+                                      repr(cleanup), "--"] + \
+            list(launcher) + [real]
         text = _WRAPPER.format(real=real, real_q=shlex.quote(real),
-                               command=shlex.join(list(launcher) + [real]),
+                               command=shlex.join(command),
                                purpose=purpose, dropk=int(dropk), out=out,
                                err=err, status=status)
         path = bin_dir / name
@@ -392,11 +407,13 @@ def write_wrappers(bin_dir, tools, fds):
             "proot", tools["proot"],
             "Drops udocker's '-k KERNEL' (PRoot 5.1 breaks with it); "
             "proot_launch.py\n# hides the host's file metadata and gives "
-            "Docker's exit status.", dropk=True, launcher=PROOT_LAUNCHER)
+            "Docker's exit status.", dropk=True, launcher=PROOT_LAUNCHER,
+            cleanup=TOOL_CLEANUP)
     if "runc" in tools:
         name = "crun" if "crun" in os.path.basename(tools["runc"]) else "runc"
         env["UDOCKER_USE_RUNC_EXECUTABLE"] = wrap(
-            name, tools["runc"], "Bypasses udocker's pseudo-terminal copy.")
+            name, tools["runc"], "Bypasses udocker's pseudo-terminal copy.",
+            cleanup=TOOL_CLEANUP)
     if "fakechroot_so" in tools:
         env.update(fakechroot_env(bin_dir, tools))
         wrap("env", _which("env") or "/usr/bin/env",

@@ -20,17 +20,25 @@ CLI and its on-disk layout are the contract.  Every call here
 capture files) through the tool wrappers and returns its real exit code.
 """
 import ast
+import concurrent.futures
 import contextlib
 import json
 import os
 import re
+import select
+import signal
+import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from ..errors import CommandNotFound, RuntimeError_  # noqa: F401 (re-export)
-from .tools import udocker_environment, write_wrappers
+from .supervise import FORWARDED, STOPPING
+from .tools import STOP_GRACE, udocker_environment, write_wrappers
 
 HIDDEN_ARGS_VAR = "DATALAD_UDOCKER_HIDDEN_ARGS"
 _UDOCKER_MAIN = (
@@ -39,6 +47,11 @@ _UDOCKER_MAIN = (
     "at, hidden = json.loads(os.environ.pop(%r, '[0, []]')); "
     "sys.argv[at:at] = hidden; "
     "sys.exit(main())" % HIDDEN_ARGS_VAR)
+LAST_RESORT = 15      # seconds udocker gets after the grace period to end
+# the umask of `udocker create` (directories no layer lists) and of every
+# run: Docker's, whatever the caller's (files udocker writes for a run, such
+# as the container's /etc/passwd, and those the command creates)
+RUN_UMASK = 0o022
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
                       r"[0-9a-f]{12}$")
 
@@ -59,6 +72,182 @@ def _missing_command(messages, command):
     return " ".join(command) or "its Entrypoint/Cmd"
 
 
+def _signal_supervisor(pidfile, signum):
+    """Send ``signum`` to the supervisor whose pid is in ``pidfile``; False
+    when it is not running (yet)."""
+    try:
+        pid = int(Path(pidfile).read_text())
+        os.kill(pid, signum)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def forwarding_signals(argv, popen_kwargs, pidfile, grace):
+    """Run ``argv`` in a session of its own, passing the signals of
+    :data:`.supervise.FORWARDED` we get on to the supervisor (pid in
+    ``pidfile``) once it runs; returns the exit status.
+
+    The handlers only note a signal and wake a thread that passes it on
+    (retrying until the supervisor runs).  Signals we ignore stay ignored;
+    outside the main thread none can be caught.  Should udocker not end
+    ``grace`` + :data:`LAST_RESORT` seconds after a TERM, INT, HUP or QUIT,
+    its process group is killed.
+    """
+    pending, stop_at, done = [], [], []
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+
+    def on_signal(signum, _frame):
+        pending.append(signum)
+        if signum in STOPPING and not stop_at:
+            stop_at.append(time.monotonic() + grace + LAST_RESORT)
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"!")
+
+    def forwarder(proc):
+        while not done:
+            timeout = 0.2 if pending else (
+                max(0.0, stop_at[0] - time.monotonic()) if stop_at else None)
+            if select.select([wake_r], [], [], timeout)[0]:
+                os.read(wake_r, 512)
+            while pending and not done and \
+                    _signal_supervisor(pidfile, pending[0]):
+                pending.pop(0)
+            if stop_at and time.monotonic() >= stop_at[0] and not done:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                stop_at.clear()
+
+    previous = {}
+    thread = None
+    try:
+        try:
+            for signum in FORWARDED:
+                if signal.getsignal(signum) != signal.SIG_IGN:
+                    previous[signum] = signal.signal(signum, on_signal)
+        except ValueError:              # not the main thread: none caught
+            pass
+        proc = subprocess.Popen(argv, start_new_session=True,
+                                **popen_kwargs)
+        thread = threading.Thread(target=forwarder, args=(proc,),
+                                  daemon=True)
+        thread.start()
+        try:
+            return proc.wait()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    finally:
+        done.append(True)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None
+                          else handler)
+        if thread is not None:
+            os.write(wake_w, b"!")
+            thread.join()
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+# --- permissions of extracted layers ---------------------------------------
+_OWNER_BITS = 0o600         # udocker makes everything u+rw (dirs u+rwx)
+_KEPT_BITS = 0o1777         # setuid/setgid are dropped on purpose
+
+
+def _layer_members(path):
+    """The tar headers of a layer blob (plain, gzip or zstd), streamed."""
+    with open(path, "rb", buffering=0) as f:     # the fd's offset is f's
+        zstd = f.read(4) == b"\x28\xb5\x2f\xfd"
+        f.seek(0)
+        if not zstd:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                yield from tar
+            return
+        # as GNU tar does, with the zstd program
+        proc = subprocess.Popen(["zstd", "-dcq"], stdin=f,
+                                stdout=subprocess.PIPE)
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            yield from tar
+    finally:
+        proc.stdout.close()
+        proc.kill()
+        proc.wait()
+
+
+def _fed_image_modes(tag_dir, stop):
+    """:func:`image_modes` of the image fed into udocker's ``tag_dir``."""
+    layers = [tag_dir / layer["digest"] for layer in json.loads(
+        (tag_dir / "manifest").read_bytes())["layers"]]
+    return image_modes(layers, stop)
+
+
+def image_modes(layers, stop=None):
+    """``{relative path: mode}`` of the image's final file system, from the
+    headers of ``layers`` (lowest first), whiteouts applied as udocker
+    applies them; symlinks and hard links (they share their target's
+    inode) are left out.  Gives up (returns None) once ``stop`` (an
+    Event) is set."""
+    modes = {}
+    for layer in layers:
+        members = []
+        for member in _layer_members(layer):
+            if stop is not None and stop.is_set():
+                return None
+            members.append(member)
+        for member in members:                # udocker: whiteouts first
+            name = _member_path(member.name)
+            head, _, base = name.rpartition("/")
+            if base == ".wh..wh..opq":
+                below = head + "/" if head else ""
+                for key in [k for k in modes if k.startswith(below)]:
+                    del modes[key]
+            elif base.startswith(".wh."):
+                gone = (head + "/" if head else "") + base[4:]
+                for key in [k for k in modes
+                            if k == gone or k.startswith(gone + "/")]:
+                    del modes[key]
+        for member in members:
+            name = _member_path(member.name)
+            if ("/" + name).rpartition("/")[2].startswith(".wh."):
+                continue
+            if member.isdir() or member.isreg() or member.isfifo():
+                modes[name] = member.mode
+            else:
+                modes.pop(name, None)
+    return modes
+
+
+def _member_path(name):
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return "/".join(parts)
+
+
+def restore_modes(root, modes):
+    """Give the files under ``root`` the ``modes`` of the image (see
+    :func:`image_modes`), without setuid/setgid and keeping the owner's
+    read/write (and search) bits udocker adds so that the container stays
+    writable and removable.  Paths through a symlink are never touched."""
+    root = os.path.realpath(root)
+    for name, mode in modes.items():
+        path = os.path.join(root, name) if name else root
+        if os.path.realpath(path) != path:
+            continue                      # gone, or through a symlink
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        want = (mode & _KEPT_BITS) | _OWNER_BITS | (
+            0o100 if stat.S_ISDIR(st.st_mode) else 0)
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(path, want)
+
+
 class UdockerCLI:
     """udocker commands on one udocker directory."""
 
@@ -67,11 +256,15 @@ class UdockerCLI:
         self.work_dir = Path(work_dir)
 
     def call(self, args, tool_env=None, bin_dir=None, pass_fds=(),
-             stdin=subprocess.DEVNULL, hidden=()):
+             stdin=subprocess.DEVNULL, hidden=(), signals_to=None,
+             grace=STOP_GRACE, umask=-1):
         """Run ``udocker -q ARGS``; returns (status, its messages as text).
 
         ``hidden`` options go after the subcommand ``ARGS[0]`` without
-        appearing on the command line (see the module doc).
+        appearing on the command line (see the module doc).  With
+        ``signals_to`` (the supervisor's pid file, see :meth:`run`) udocker
+        runs in a session of its own and the signals we get are passed on
+        (see :func:`forwarding_signals`).
         """
         self.work_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-c", _UDOCKER_MAIN, "-q"]
@@ -84,24 +277,49 @@ class UdockerCLI:
             at = len(argv) - 2 + 1
             env[HIDDEN_ARGS_VAR] = json.dumps([at, list(hidden)])
         with tempfile.TemporaryFile(dir=self.work_dir) as messages:
-            proc = subprocess.run(
-                argv + list(args), cwd=self.work_dir, stdin=stdin,
-                stdout=messages, stderr=subprocess.STDOUT, pass_fds=pass_fds,
-                env=env)
+            kwargs = dict(cwd=self.work_dir, stdin=stdin, stdout=messages,
+                          stderr=subprocess.STDOUT, pass_fds=pass_fds,
+                          env=env, umask=umask)
+            if signals_to is None:
+                rc = subprocess.run(argv + list(args), **kwargs).returncode
+            else:
+                rc = forwarding_signals(argv + list(args), kwargs,
+                                        signals_to, grace)
             messages.seek(0)
-            return proc.returncode, messages.read().decode(errors="replace")
+            return rc, messages.read().decode(errors="replace")
 
     def create(self, name, image_spec):
         """``udocker create --name=NAME SPEC``; returns the container id.
 
         udocker exits 0 even when extraction failed, so its messages are
-        checked too.
+        checked too.  udocker's GNU tar applies the caller's umask and drops
+        the sticky bit: it runs with umask 022 (directories the layers do
+        not list are 0755, as under Docker) and then the modes of the
+        layers' headers are restored (:func:`restore_modes`).
         """
-        rc, out = self.call(["create", "--name=" + name, image_spec])
-        ids = [w for w in out.split() if _UUID_RE.match(w)]
-        if rc or not ids or "Error" in out:
-            raise RuntimeError_("udocker could not create a container from "
-                                "%s: %s" % (image_spec, first_error(out)))
+        repo, _, tag = image_spec.rpartition(":")
+        tag_dir = self.udocker_dir / "repos" / repo / tag
+        stop = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+                contextlib.ExitStack() as stack:
+            # the headers are read while udocker extracts (zlib and zstd
+            # decompress outside the GIL); on any error the reading stops
+            modes = pool.submit(_fed_image_modes, tag_dir, stop)
+            stack.callback(stop.set)
+            rc, out = self.call(["create", "--name=" + name, image_spec],
+                                umask=RUN_UMASK)
+            ids = [w for w in out.split() if _UUID_RE.match(w)]
+            if rc or not ids or "Error" in out:
+                raise RuntimeError_("udocker could not create a container "
+                                    "from %s: %s" % (image_spec,
+                                                     first_error(out)))
+            root = self.udocker_dir / "containers" / ids[-1] / "ROOT"
+            try:
+                restore_modes(root, modes.result())
+            except (OSError, ValueError, KeyError, TypeError,
+                    tarfile.TarError) as exc:
+                raise RuntimeError_("could not give %s the permissions of "
+                                    "the image's layers: %s" % (root, exc))
         return ids[-1]
 
     def setup(self, container, execmode, tools):
@@ -133,14 +351,22 @@ class UdockerCLI:
         rc, _ = self.call(["rm", "-f", container])
         return rc == 0
 
-    def run(self, run_args, container, command, tools, capture, env=None):
+    def run(self, run_args, container, command, tools, capture, env=None,
+            grace=STOP_GRACE):
         """``udocker run RUN_ARGS CONTAINER COMMAND...``.
 
         ``env`` (a dict) sets variables in the container, their values kept
-        off every command line.  Returns ``(exit code, stdout, stderr)`` of the command, the outputs
-        as bytes when ``capture`` (else None: they went to our stdout and
-        stderr).  Raises CommandNotFound or RuntimeError_ when udocker did
-        not start the command.
+        off every command line.  Returns ``(exit code, stdout, stderr)`` of
+        the command, the outputs as bytes when ``capture`` (else None: they
+        went to our stdout and stderr).  Raises CommandNotFound or
+        RuntimeError_ when udocker did not start the command.
+
+        As under ``docker run``, TERM, INT, HUP, QUIT, USR1 and USR2 sent
+        to this process (in its main thread) go to the command; ``grace``
+        seconds after a TERM, INT, HUP or QUIT every process of the run is
+        killed and the status is 137.  udocker runs in a session of its
+        own, so a terminal's ^C reaches the command once, through us.
+        The command's umask is Docker's, 022 (:data:`RUN_UMASK`).
         """
         run_root = self.work_dir / "run"
         run_root.mkdir(parents=True, exist_ok=True)
@@ -157,13 +383,15 @@ class UdockerCLI:
                 fds = [os.dup(1), os.dup(2), files[2].fileno()]
                 stack.callback(os.close, fds[0])
                 stack.callback(os.close, fds[1])
-            tool_env = write_wrappers(tmp / "bin", tools, fds)
+            pidfile = tmp / "supervisor.pid"
+            tool_env = write_wrappers(tmp / "bin", tools, fds, pidfile, grace)
             rc, messages = self.call(
                 ["run"] + list(run_args) + [container] + list(command),
                 tool_env, bin_dir=tmp / "bin", pass_fds=fds,
                 stdin=subprocess.DEVNULL if capture else None,
                 hidden=["--env=%s=%s" % kv for kv in sorted(
-                    (env or {}).items())])
+                    (env or {}).items())], signals_to=pidfile, grace=grace,
+                umask=RUN_UMASK)
             for f in files:      # the children moved the shared offsets
                 f.seek(0)
             status = files[2].read().decode().split()
