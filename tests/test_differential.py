@@ -249,14 +249,6 @@ def _modes(expected: Outcome, change: Callable[[int, bool], int]) -> None:
             expected[key] = " ".join([stat.filemode(stat.S_IFREG | mode)] + value.split(" ")[1:])
 
 
-def _umask_inherited(exp, ctx):
-    exp["umask"] = CALLER_UMASK
-
-
-def _extraction_umask(exp, ctx):
-    _modes(exp, lambda mode, is_dir: mode & ~0o1000 & ~int(CALLER_UMASK, 8))
-
-
 def _setid_dropped(exp, ctx):
     _modes(exp, lambda mode, is_dir: mode if is_dir else mode & ~0o6000)
 
@@ -288,10 +280,6 @@ def _not_pid1(exp, ctx):
     exp.update({"status": 143, "segv status": 139, "segv stdout": ""})
 
 
-def _argv_lines_leak(exp, ctx):
-    exp["stderr"] += ctx["probe"].split("\n", 1)[1] + "\n"
-
-
 def _static_escapes(exp, ctx):
     for key in list(exp):
         if key.startswith("stat "):
@@ -315,18 +303,10 @@ def _host_stat(path: str, dirs_only: bool) -> str:
 ALL = tuple(MODES)
 STATIC_F1 = (("busybox", "F1"),)      # sees the host's files: see the last entry
 KNOWN = [
-    Known(("P1", "P2", "F1"), tuple(IMAGES),
-          "umask: the command inherits the caller's umask; docker run and runc (R1) set 0022 "
-          "(issue 9 item 5; branch r1-signals gives every run Docker's 0022)",
-          _umask_inherited),
     Known(ALL, tuple(IMAGES),
           "setuid/setgid bits are dropped on extraction, on purpose: a setuid file in the "
           "user's cache must not run as the user for anyone who can reach it (documented)",
           _setid_dropped, but=STATIC_F1),
-    Known(ALL, tuple(IMAGES),
-          "modes: udocker extracts with GNU tar --no-same-permissions under the caller's "
-          "umask and drops sticky bits (issue 9 item 5; fixed on branch r1-signals)",
-          _extraction_umask, but=STATIC_F1),
     Known(("P1", "P2"), tuple(IMAGES),
           "identity: udocker binds its own copy of the image's /etc/passwd, mode 0600 "
           "(issue 9 item 6)", _passwd_bound_0600),
@@ -343,10 +323,6 @@ KNOWN = [
           "signals: no PID namespace, the command is not PID 1, so a signal it sends itself "
           "kills it (128+N); under docker run and R1 the kernel drops it for PID 1",
           _not_pid1),
-    Known(("P1", "P2"), tuple(IMAGES),
-          "stderr: PRoot's `-v 1` info line quotes the command's argv; the launcher drops "
-          "only its first line, so the 2nd and later lines of a multi-line argument leak to "
-          "stderr (issue 9 item 2, datalad_udocker/run/proot_launch.py)", _argv_lines_leak),
     Known(("F1",), ("busybox",),
           "static binaries escape Fakechroot (LD_PRELOAD): busybox's stat and ls see the "
           "HOST's files; /bin/test is then the host's dynamic coreutils test, which "
@@ -468,11 +444,9 @@ def rootfs_known(mode: str, umoci: Dict[str, tuple]) -> Dict[str, tuple]:
         bits = entry[1]
         if entry[0] == "file":
             bits &= ~0o6000     # setuid/setgid dropped on purpose (as in KNOWN)
-        bits &= ~0o1000 & ~umask     # issue 9 item 5: caller's umask applied, sticky dropped
         want[path] = (entry[0], bits) + entry[2:]
-    # "." is no layer's: udocker makes it under the caller's umask (issue 9 item 5; with
-    # branch r1-signals it is 0755), as umoci under its own (the same here)
-    want["."] = ("dir", 0o777 & ~umask)
+    # "." is no layer's: created under umask 0022 whatever the caller's
+    want["."] = ("dir", 0o755)
     if mode == "R1":
         # issue 9 item 6: udocker's R1 setup points the identity and resolver files at
         # copies it binds under /.bind_host_files, made at the first run under the caller's

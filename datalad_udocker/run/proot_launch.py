@@ -138,9 +138,19 @@ class StderrFilter:
         self.last = None      # status of the last process to end (as Docker)
         self.vpid1 = None     # status of PRoot >= 5.2's vpid 1, the command
         self.broken = False
+        # PRoot's start-up note "argv = ..." quotes the command's arguments
+        # raw: an argument with newlines continues over the next lines, up to
+        # the note "initial cwd = ..." that always follows it
+        self.in_argv = False
 
     def feed(self, data):
         self.pending += data
+        if self.in_argv:            # nothing of it may pass half-seen
+            cut = self.pending.rfind(b"\n") + 1
+            done, self.pending = self.pending[:cut], self.pending[cut:]
+            self._write(self._strip(done))
+            if self.in_argv:
+                return
         cut = self.pending.rfind(b"\n") + 1
         done, self.pending = self.pending[:cut], self.pending[cut:]
         # a partial line that may still become an info line waits for more
@@ -167,11 +177,19 @@ class StderrFilter:
         kept = []
         for line in data.splitlines(keepends=True):
             at = line.find(_PREFIX)
+            if self.in_argv:
+                if at < 0 or not line[at + len(_PREFIX):].startswith(
+                        b"initial cwd = "):
+                    continue        # more of the quoted arguments
+                self.in_argv = False
             if at < 0:
                 kept.append(line)
                 continue
             kept.append(line[:at])
-            self._record(line[at + len(_PREFIX):].split())
+            note = line[at + len(_PREFIX):]
+            if note.startswith(b"argv = "):
+                self.in_argv = True
+            self._record(note.split())
         return b"".join(kept)
 
     def _record(self, words):
