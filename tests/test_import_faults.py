@@ -57,9 +57,13 @@ def test_unknown_image_or_tag(ds, registry, ref, expect):
     assert_fails_cleanly(ds, f"{registry.host}/{ref}", expect, "impossible")
 
 
-@pytest.mark.parametrize("ref", ["UPPER/case", "a:b:c:d", "repo@sha256:abc", ""])
+@pytest.mark.parametrize("ref", ["UPPER/case", "a:b:c:d", "repo@sha256:abc"])
 def test_invalid_reference(ds, ref):
     assert_fails_cleanly(ds, ref, "invalid", "impossible")
+
+
+def test_empty_reference(ds):
+    assert_fails_cleanly(ds, "", "give an image reference to import", "impossible")
 
 
 def test_bad_target_paths(ds, registry, tmp_path):
