@@ -17,6 +17,10 @@ reader.
 ``datalad.udocker.dir``
     udocker's directory (repos, layers, containers); default
     ``$XDG_CACHE_HOME/datalad-udocker/udocker`` (env: DATALAD_UDOCKER_DIR).
+``datalad.udocker.site-dir``
+    A site-wide udocker directory of containers created by another account
+    (root or a service user), used read-only before the user's own cache
+    (P1/P2 only); ignored with a warning when the user could write it.
 ``datalad.udocker.jobs``
     Parallel layer downloads during import (default 4).
 ``datalad.udocker.tools-tarball``
