@@ -48,10 +48,13 @@ def site(nonroot):
                        [im.make_layer(im.busybox_rootfs(extra=extra))], cmd=["/bin/sh"])
     site_dir = Path(tempfile.mkdtemp(prefix="udtest-site-", dir="/tmp"))
     site_dir.chmod(0o755)                       # root's, readable by all
-    res = subprocess.run(RUN + [str(layouts["shared"]), "cat", "/etc/site-marker"],
-                         env=dict(os.environ, DATALAD_UDOCKER_DIR=str(site_dir / "udocker")),
-                         cwd="/", capture_output=True, text=True)
-    assert (res.returncode, res.stdout) == (0, "from the image\n"), res.stderr
+    for mode in ("P1", "R1"):
+        res = subprocess.run(RUN[:-1] + [mode, str(layouts["shared"]), "cat", "/etc/site-marker"],
+                             env=dict(os.environ, DATALAD_UDOCKER_DIR=str(site_dir / "udocker")),
+                             cwd="/", capture_output=True, text=True)
+        assert (res.returncode, res.stdout) == (0, "from the image\n"), res.stderr
+    for cdir in (site_dir / "udocker" / "containers").iterdir():
+        cdir.chmod(0o755)                       # R1 made its container root's only
     nonroot.run(["git", "config", "--global", "datalad.udocker.site-dir",
                  str(site_dir / "udocker")])
     try:
@@ -133,3 +136,16 @@ def test_site_dir_writable_by_user_is_ignored(nonroot, site, own):
         assert len(own_containers(udir)) == 2
     finally:
         shutil.rmtree(fake, ignore_errors=True)
+
+
+def test_r1_uses_own_cache(nonroot, site, own):
+    """R1 writes runc's spec into the container directory: it never uses
+    the site's containers (the site has one for R1 too)."""
+    site_dir, layouts = site
+    udir, _ = own
+    before = listing(site_dir.parent)
+    res = nonroot.run(RUN[:-1] + ["R1", str(layouts["shared"]), "cat", "/etc/site-marker"],
+                      env={"DATALAD_UDOCKER_DIR": str(udir)}, check=False)
+    assert (res.returncode, res.stdout) == (0, "from the image\n"), res.stderr
+    assert len(own_containers(udir)) == 2
+    assert listing(site_dir.parent) == before
