@@ -7,6 +7,7 @@ config and runs the same image with their own (empty) udocker directory.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -87,20 +88,32 @@ def own_containers(udir: Path):
         if (udir / "containers").is_dir() else []
 
 
+def without_layers(layout: Path, dest: Path) -> Path:
+    """A copy of ``layout`` without its layer blobs (a clone that fetched none)."""
+    shutil.copytree(layout, dest)
+    blobs = dest / "blobs" / "sha256"
+    index = json.loads((dest / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
+    for layer in manifest["layers"]:
+        (blobs / layer["digest"][7:]).unlink()
+    return dest
+
+
 def test_site_container_used_without_writing(nonroot, site, own):
     site_dir, layouts = site
     udir, ds = own
+    image = without_layers(layouts["shared"], ds.parent / "image")
     before = listing(site_dir.parent)
-    res = run(nonroot, udir, layouts["shared"], "sh", "-c",
+    res = run(nonroot, udir, image, "sh", "-c",
               "cat /etc/site-marker; echo data > out.txt; touch /tmp/scratch-$$",
               dataset=ds)
     assert (res.returncode, res.stdout) == (0, "from the image\n"), res.stderr
     assert (ds / "out.txt").read_text() == "data\n"           # the dataset is writable
     # writes into the container's root fail with the system's own error
-    res = run(nonroot, udir, layouts["shared"], "sh", "-c", "echo x > /new-file")
+    res = run(nonroot, udir, image, "sh", "-c", "echo x > /new-file")
     assert res.returncode != 0
     assert "Permission denied" in res.stderr or "Read-only" in res.stderr, res.stderr
-    res = run(nonroot, udir, layouts["shared"], "sh", "-c", "echo x >> /etc/site-marker")
+    res = run(nonroot, udir, image, "sh", "-c", "echo x >> /etc/site-marker")
     assert res.returncode != 0 and "Permission denied" in res.stderr, res.stderr
     # nothing written in the site dir, no container of the user's own
     assert listing(site_dir.parent) == before
@@ -149,3 +162,23 @@ def test_r1_uses_own_cache(nonroot, site, own):
     assert (res.returncode, res.stdout) == (0, "from the image\n"), res.stderr
     assert len(own_containers(udir)) == 2
     assert listing(site_dir.parent) == before
+
+
+def test_site_container_writable_by_user_is_ignored(nonroot, site, own):
+    """A site container the user could change (its ROOT made world-writable)
+    is not used: warned about, and the user's own cache is used."""
+    site_dir, layouts = site
+    udir, _ = own
+    roots = [p / "ROOT" for p in (site_dir / "containers").iterdir()
+             if not p.is_symlink() and (p / "ROOT").is_dir()]
+    modes = [r.stat().st_mode & 0o7777 for r in roots]
+    try:
+        for r in roots:
+            r.chmod(0o777)
+        res = run(nonroot, udir, layouts["shared"], "cat", "/etc/site-marker")
+        assert (res.returncode, res.stdout) == (0, "from the image\n"), res.stderr
+        assert "ignoring the site cache's" in res.stderr
+        assert len(own_containers(udir)) == 2
+    finally:
+        for r, mode in zip(roots, modes):
+            r.chmod(mode)
