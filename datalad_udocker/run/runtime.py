@@ -133,7 +133,10 @@ class Runtime:
     def site_dir(self):
         """The site's udocker directory (``datalad.udocker.site-dir``) if it
         is set and safe to use, else None (with a warning when unsafe)."""
-        value = config.get("site-dir", None, self._dataset)
+        try:
+            value = config.get("site-dir", None, self._dataset)
+        except OSError:         # no git to ask: no site cache, our own
+            return None
         if not value:
             return None
         path = Path(os.path.realpath(os.path.expanduser(value)))
