@@ -60,7 +60,7 @@ lgr = logging.getLogger("datalad.udocker.runtime")
 NAME_PREFIX = "dlu-"
 # modes whose runs write nothing into the container directory, so a
 # container in a site cache the user cannot write runs as it is (R1 writes
-# runc's spec there, F1 is not checked yet)
+# runc's spec there, F1 creates mount points in the container's root)
 SITE_MODES = ("P1", "P2")
 _ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -165,9 +165,9 @@ class Runtime:
         if not re.fullmatch(r"[0-9a-f-]+", entry.container_id):
             return None
         path = site / "containers" / entry.container_id
-        owner = os.stat(site).st_uid
         for item in (state, path, path / "ROOT"):
             try:
+                owner = os.stat(site).st_uid
                 st = os.lstat(item)
             except OSError:
                 return None
@@ -192,7 +192,7 @@ class Runtime:
         """For a site container, the host's /tmp and /var/tmp over the
         image's (as Apptainer does): no user writes into the shared
         container's world-writable directories."""
-        if Path(entry.path).parent.parent == self.udocker_dir:
+        if self._udocker_for(entry) is self.udocker:
             return []
         return ["--volume=%s:%s" % (d, d) for d in ("/tmp", "/var/tmp")
                 if os.path.isdir(d)]
