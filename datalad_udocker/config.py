@@ -21,6 +21,10 @@ reader.
     Seconds an interrupted run's command gets to end after the TERM, INT,
     HUP or QUIT passed on to it, before every process of the run is killed
     (default 10, as ``docker stop``).
+``datalad.udocker.site-dir``
+    A site-wide udocker directory of containers created by another account
+    (root or a service user), used read-only before the user's own cache
+    (P1/P2 only); ignored with a warning when the user could write it.
 ``datalad.udocker.jobs``
     Parallel layer downloads during import (default 4).
 ``datalad.udocker.tools-tarball``

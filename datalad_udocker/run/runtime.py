@@ -30,10 +30,13 @@ contract), from a directory we own since it reads ``u.conf`` from its cwd.
 """
 import contextlib
 import fcntl
+import functools
 import json
+import logging
 import os
 import re
 import shlex
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,7 +55,13 @@ from .tools import EXEC_MODES, check_execmode, find_tools
 __all__ = ["run_image", "RunResult", "Runtime", "CachedContainer",
            "CommandNotFound", "plan_mounts"]
 
+lgr = logging.getLogger("datalad.udocker.runtime")
+
 NAME_PREFIX = "dlu-"
+# modes whose runs write nothing into the container directory, so a
+# container in a site cache the user cannot write runs as it is (R1 writes
+# runc's spec there, F1 creates mount points in the container's root)
+SITE_MODES = ("P1", "P2")
 _ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -95,6 +104,7 @@ class Runtime:
         self.state_dir = self.udocker_dir / STATE_DIR
         self.repo = UdockerRepo(self.udocker_dir)
         self.udocker = UdockerCLI(self.udocker_dir, self.state_dir)
+        self._dataset = dataset
 
     # --- cache ------------------------------------------------------------
     def _state_path(self, name):
@@ -113,14 +123,79 @@ class Runtime:
 
     def _load(self, name):
         """The cache entry for ``name`` if its container is complete."""
-        try:
-            entry = CachedContainer(
-                **json.loads(self._state_path(name).read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-        if not (Path(entry.path) / "ROOT").is_dir():
+        entry = _read_entry(self._state_path(name))
+        if entry is None or not (Path(entry.path) / "ROOT").is_dir():
             return None
         return entry
+
+    # --- the site cache (read only) ---------------------------------------
+    @functools.cached_property
+    def site_dir(self):
+        """The site's udocker directory (``datalad.udocker.site-dir``) if it
+        is set and safe to use, else None (with a warning when unsafe)."""
+        try:
+            value = config.get("site-dir", None, self._dataset)
+        except OSError:         # no git to ask: no site cache, our own
+            return None
+        if not value:
+            return None
+        path = Path(os.path.realpath(os.path.expanduser(value)))
+        problem = _unsafe_site_dir(path)
+        if problem:
+            lgr.warning("ignoring datalad.udocker.site-dir %s: %s", path,
+                        problem)
+            return None
+        return path
+
+    def _site_entry(self, name):
+        """The complete container ``name`` in the site cache, or None.
+
+        Only reads there (no lock, no state): the site's account created it
+        and nobody else can change it (see :func:`_unsafe_site_dir`); its
+        entry and container must not be writable by the user either.
+        """
+        if self.execmode not in SITE_MODES or self.site_dir is None:
+            return None
+        site = self.site_dir
+        state = site / STATE_DIR / "containers" / (name + ".json")
+        entry = _read_entry(state)
+        if entry is None or entry.name != name or \
+                container_name(entry.manifest_digest, entry.execmode) != name:
+            return None
+        if not re.fullmatch(r"[0-9a-f-]+", entry.container_id):
+            return None
+        path = site / "containers" / entry.container_id
+        for item in (state, path, path / "ROOT"):
+            try:
+                owner = os.stat(site).st_uid
+                st = os.lstat(item)
+            except OSError:
+                return None
+            if st.st_uid not in (0, owner) or os.access(item, os.W_OK) or \
+                    stat.S_ISLNK(st.st_mode):
+                lgr.warning("ignoring the site cache's %s: %s", item,
+                            "a symlink" if stat.S_ISLNK(st.st_mode) else
+                            "writable by you or owned by another account")
+                return None
+        entry.path = str(path)
+        return entry
+
+    def _udocker_for(self, entry):
+        """udocker on the directory ``entry``'s container lives in (ours,
+        or the site cache's), its per-run files in our own state dir."""
+        where = Path(entry.path).parent.parent
+        if where == self.udocker_dir:
+            return self.udocker
+        return UdockerCLI(where, self.state_dir)
+
+    def _site_volumes(self, entry):
+        """For a site container, the host's /tmp and /var/tmp over the
+        image's (as Apptainer does): no user writes into the shared
+        container's world-writable directories."""
+        if self._udocker_for(entry) is self.udocker:
+            return []
+        return ["--volume=%s:%s" % (d, d) for d in ("/tmp", "/var/tmp")
+                if os.path.isdir(d)]
 
     def containers(self):
         """Every cached container, plus leftovers of interrupted creations
@@ -281,6 +356,9 @@ class Runtime:
             return self._ensure_locked(fd, name, layout, fetch)
 
     def _ensure_locked(self, fd, name, layout, fetch):
+        site = self._site_entry(name)
+        if site is not None:
+            return site
         fcntl.flock(fd, fcntl.LOCK_SH)
         entry = self._load(name)
         if entry is None:
@@ -352,13 +430,15 @@ class Runtime:
                               self.execmode)
         with self._lock(name) as fd:
             entry = self._ensure_locked(fd, name, layout, fetch)
-            os.utime(self._state_path(name))            # last used
+            with contextlib.suppress(FileNotFoundError):   # site's: none
+                os.utime(self._state_path(name))        # last used
             binds, workdir = plan_mounts(dataset, cwd)
             if workdir is None:
                 workdir = (layout.config().get("config") or {}).get(
                     "WorkingDir") or "/"
             opts = ["--nobanner", "--workdir=" + workdir]
             opts += ["--volume=%s:%s" % (b, b) for b in binds]
+            opts += self._site_volumes(entry)
             if entrypoint:
                 opts.append("--entrypoint=" + entrypoint)
             if self.execmode == "F1":
@@ -372,7 +452,7 @@ class Runtime:
                 # into the container directory: only the user may read it
                 os.chmod(entry.path, 0o700)
             try:
-                code, out, err = self.udocker.run(
+                code, out, err = self._udocker_for(entry).run(
                     opts, entry.container_id, command,
                     find_tools(self.execmode, self.udocker_dir), capture, env,
                     grace=config.stop_timeout())
@@ -380,6 +460,40 @@ class Runtime:
                 if self.execmode == "R1":
                     _drop_runc_spec(fd, entry.path)
             return RunResult(code, out, err)
+
+
+def _read_entry(state_path):
+    """The CachedContainer in ``state_path``, or None."""
+    try:
+        return CachedContainer(**json.loads(Path(state_path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _unsafe_site_dir(path):
+    """Why the site cache at ``path`` (real, absolute) must not be used, or
+    None: it must be a directory the caller cannot write, owned by another
+    account (root or a service user), and it and every directory above it
+    must be owned by root or that account and writable by no one else (a
+    world-writable directory only with the sticky bit, like /tmp)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "cannot read it (%s)" % (e.strerror or e)
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid == os.geteuid() or os.access(path, os.W_OK):
+        return ("it is writable by you: a site cache is made by another "
+                "account (use datalad.udocker.dir for your own)")
+    owner = st.st_uid
+    for item in [path] + list(path.parents):
+        st = os.stat(item)
+        if st.st_uid not in (0, owner):
+            return "%s is owned by uid %d" % (item, st.st_uid)
+        if st.st_mode & 0o022 and not (
+                st.st_mode & stat.S_ISVTX and st.st_uid == 0):
+            return "%s is writable by others than its owner" % item
+    return None
 
 
 def _drop_runc_spec(fd, container_path):
