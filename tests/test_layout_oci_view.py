@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from fixtures import images as im
+from test_runtime import cached, run_cli, udir  # noqa: F401 (udir: a fixture)
 
 from datalad_udocker import oci
 from datalad_udocker.dataset.layout import OCILayout, blob_name, layout_files, write_json_files
@@ -145,3 +146,18 @@ def test_a_docker_image_reimports_as_notneeded_under_the_registry_digest(ds, reg
         oci.OCI_MANIFEST
     again = imp(ds, pushed.reference, name="d")
     assert again["status"] == "notneeded", again
+
+
+def test_the_runtime_runs_a_docker_image_keyed_on_the_registry_manifest(nonroot, udir):
+    """The container is made from the registry's manifest (its layers, its name)."""
+    import shutil
+    root = nonroot.make_tempdir("udtest-oci-view-")
+    try:
+        layers = [im.make_layer(im.busybox_rootfs()), im.make_layer({"marker": b"v2s2\n"})]
+        manifest, config_raw = docker_image(layers)
+        store(root / "img", manifest, config_raw, layers)
+        res = run_cli(nonroot, udir, root / "img", "cat", "/marker")
+        assert (res.returncode, res.stdout) == (0, "v2s2\n"), res.stderr
+        assert [c["manifest_digest"] for c in cached(nonroot, udir)] == [manifest.digest]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
