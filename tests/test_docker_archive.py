@@ -237,6 +237,52 @@ def test_docker25_names_and_an_image_saved_by_id(tmp_path):
     assert [l.descriptor.digest for l in src.layers] == [l.diff_id for l in b[0]]
 
 
+def containerd_archive(path, layers, config, name):
+    """Write one image as Docker with the containerd image store saves it (containerd's
+    ``images/archive`` exporter): the registry's blobs as pulled (gzip layers), ``index.json``
+    naming the registry's multi-platform *index* (annotated as Docker 25 does), of which only
+    the host platform's manifest, config and layers are in ``blobs/``; ``manifest.json``
+    points at the compressed layer blobs.  Returns the host manifest's digest."""
+    blobs = {_hex(l.data): l.data for l in layers}
+    blobs[_hex(config)] = config
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.OCI_CONFIG, "digest": "sha256:" + _hex(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": l.media_type, "digest": l.digest, "size": l.size}
+                   for l in layers]}, indent=3).encode()
+    blobs[_hex(manifest)] = manifest
+    other = b'{"schemaVersion":2}'          # another platform's manifest: not in the tar
+    index = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [
+        {"mediaType": oci.OCI_MANIFEST, "digest": "sha256:" + _hex(other), "size": len(other),
+         "platform": {"architecture": "arm64", "os": "linux"}},
+        {"mediaType": oci.OCI_MANIFEST, "digest": "sha256:" + _hex(manifest),
+         "size": len(manifest), "platform": {"architecture": "amd64", "os": "linux"}}]}).encode()
+    blobs[_hex(index)] = index
+    with tarfile.open(path, "w") as tar:
+        for hexd, data in sorted(blobs.items()):
+            _add(tar, "blobs/sha256/" + hexd, data)
+        _add(tar, "index.json", _go_json({"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
+                                           "manifests": [{
+            "mediaType": oci.OCI_INDEX, "digest": "sha256:" + _hex(index), "size": len(index),
+            "annotations": {"io.containerd.image.name": _full_name(name),
+                            "org.opencontainers.image.ref.name": name.rpartition(":")[2]}}]}))
+        _add(tar, "manifest.json", _go_json([{
+            "Config": "blobs/sha256/" + _hex(config), "RepoTags": [_familiar(name)],
+            "Layers": ["blobs/sha256/" + _hex(l.data) for l in layers]}]) + b"\n")
+        _add(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+    return "sha256:" + _hex(manifest)
+
+
+def test_containerd_store_archive_keeps_the_registry_manifest(tmp_path):
+    layers, config, name = make_image(2, "gzip")
+    digest = containerd_archive(tmp_path / "c.tar", layers, config, name)
+    src = open_source("docker-archive:%s" % (tmp_path / "c.tar"))
+    assert src.manifest.digest == digest          # through the index, to the host's manifest
+    assert [(l.descriptor.digest, l.descriptor.media_type) for l in src.layers] == [
+        (l.digest, l.media_type) for l in layers]
+
+
 def test_shared_layers_are_symlinks_within_archive(tmp_path):
     a = make_image(2)
     b_layers = [im.make_layer({"other": b"x"}, "none")] + a[0][:1]   # same diff, new parent

@@ -10,7 +10,9 @@ classic (Docker < 25)
 OCI layout (Docker >= 25)
     the same ``manifest.json`` and ``repositories`` next to ``oci-layout``,
     ``index.json`` and ``blobs/sha256/<hex>`` for config, manifests and
-    layers.  A tar with only ``index.json`` (an ``oci-archive``) is handed to
+    layers (uncompressed, named by diff_id; with the containerd image store
+    the registry's compressed blobs, and ``index.json`` names the registry's
+    index, of which only the host platform's manifest is in the tar).  A tar with only ``index.json`` (an ``oci-archive``) is handed to
     :mod:`.oci_archive`.
 
 Writing (:func:`write_archive`) produces the second flavour in one pass
@@ -32,7 +34,8 @@ import re
 import tarfile
 
 from .. import oci
-from ..dataset.layout import OCILayout, blob_name, layout_files, oci_entry
+from ..dataset.layout import (MAX_NESTING, OCILayout, blob_name,
+                               layout_files, oci_entry)
 from ..digest import Digest, HashingReader, sha256_digest
 from ..errors import ArchiveError, DigestMismatch, UdockerError
 from ..members import TarReader, normalize  # noqa: F401 (TarReader: re-export)
@@ -118,13 +121,25 @@ def _indexed_manifest(reader, config_digest):
     for desc in entries:
         try:
             desc = layout.source_descriptor(desc)
-            parsed = layout.read_manifest(desc)
+            for parsed in _manifests_under(layout, desc):
+                if parsed.config.digest == config_digest:
+                    return parsed, dict(desc.annotations)
         except UdockerError:
             continue
-        if isinstance(parsed, oci.Manifest) and \
-                parsed.config.digest == config_digest:
-            return parsed, dict(desc.annotations)
     return None, {}
+
+
+def _manifests_under(layout, desc, depth=0):
+    """The image manifests ``desc`` leads to that the archive holds: Docker
+    with the containerd image store saves the image's index (the registry's)
+    with only the host platform's manifest in ``blobs/``."""
+    parsed = layout.read_manifest(desc)
+    if isinstance(parsed, oci.Manifest):
+        yield parsed
+    elif depth < MAX_NESTING:
+        for m in parsed.manifests:
+            if layout.has_blob(m.digest):
+                yield from _manifests_under(layout, m, depth + 1)
 
 
 # --- writing --------------------------------------------------------------
