@@ -328,3 +328,49 @@ def check_layers_supported(manifest):
 
 def layer_compression(media_type):
     return LAYER_TYPES.get(media_type)
+
+
+# --- OCI re-descriptions of Docker images ----------------------------------
+
+# the OCI layer media type for each compression
+OCI_LAYER_TYPES = {None: "application/vnd.oci.image.layer.v1.tar",
+                   "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+                   "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
+# on the index.json entry of an OCI manifest that re-describes another
+# manifest (a Docker v2s2 one) over the same blobs: that manifest's digest
+ANNOTATION_MANIFEST = "org.datalad.udocker.manifest"
+
+
+def oci_layer_type(media_type):
+    """The OCI layer media type of a (Docker or OCI) layer media type."""
+    return OCI_LAYER_TYPES[layer_compression(media_type)]
+
+
+def build_oci_manifest(config, layers, annotations=None):
+    """An OCI image Manifest over ``config`` and ``layers`` (Descriptors),
+    its bytes deterministic (the same blobs give the same digest)."""
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+           "config": {"mediaType": OCI_CONFIG, "digest": config.digest,
+                      "size": config.size},
+           "layers": [Descriptor(oci_layer_type(l.media_type), l.digest,
+                                 l.size, annotations=l.annotations).to_dict()
+                      for l in layers]}
+    if annotations:
+        doc["annotations"] = dict(annotations)
+    raw = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+    return parse_manifest(raw, OCI_MANIFEST)
+
+
+def as_oci_manifest(manifest):
+    """``manifest`` if it is an OCI one, else the OCI manifest over the same
+    config and layer blobs (what ``skopeo copy`` to ``oci:`` writes)."""
+    if manifest.media_type == OCI_MANIFEST:
+        return manifest
+    return build_oci_manifest(manifest.config, manifest.layers)
+
+
+def describes_same_blobs(a, b):
+    """Do the manifests ``a`` and ``b`` name the same config and layers?"""
+    return (a.config.digest == b.config.digest
+            and [(l.digest, l.size) for l in a.layers]
+            == [(l.digest, l.size) for l in b.layers])

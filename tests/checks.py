@@ -32,6 +32,15 @@ def assert_valid_layout(ds_path, layout, require_content=True):
     tracked = set(git(ds_path, "ls-files", "--", rel).split())
     for p in (manifest_path, config_path, layout / "index.json", layout / "oci-layout"):
         assert os.path.relpath(p, ds_path) in tracked
+    source = desc.get("annotations", {}).get("org.datalad.udocker.manifest")
+    if source:   # a Docker image: index.json names an OCI manifest over the registry's blobs
+        assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+        oci_view, manifest_path = manifest, blobs / source.split(":")[1]
+        assert os.path.relpath(manifest_path, ds_path) in tracked
+        manifest = json.loads(manifest_path.read_bytes())     # the image is the registry's
+        assert [(l["digest"], l["size"]) for l in oci_view["layers"]] == [
+            (l["digest"], l["size"]) for l in manifest["layers"]]
+        assert oci_view["config"]["digest"] == manifest["config"]["digest"]
     for layer in manifest["layers"]:
         hexpart = layer["digest"].split(":")[1]
         p = blobs / hexpart

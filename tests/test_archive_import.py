@@ -6,7 +6,6 @@ names, laid out as Docker 25 lays them out).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import tarfile
@@ -16,7 +15,7 @@ import pytest
 import datalad.api as dl
 
 from checks import assert_valid_layout, dataset_state, git, imp
-from test_docker_archive import _add, classic_archive, make_image
+from test_docker_archive import _add, classic_archive, make_image, write_docker25
 
 import datalad_udocker.commands.export_image  # noqa: F401  (binds Dataset.udocker_export)
 from datalad_udocker import oci
@@ -31,44 +30,17 @@ def client_factory(ref):
 
 
 def to_docker25(classic: Path, out: Path) -> Path:
-    """Re-lay a classic ``docker save`` archive as Docker >= 25 writes it."""
+    """Re-lay a classic ``docker save`` archive as Docker >= 25 writes it
+    (:func:`test_docker_archive.write_docker25`: same layer tars, config and names)."""
     with tarfile.open(classic) as t:
-        entries = json.loads(t.extractfile("manifest.json").read())
-        blobs, index, new_entries, repos = {}, [], [], {}
-        for e in entries:
-            config = t.extractfile(e["Config"]).read()
-            layers = [t.extractfile(t.getmember(l) if not t.getmember(l).issym() else
-                                    t.getmember(str(Path(l).parent / t.getmember(l).linkname)))
-                      .read() for l in e["Layers"]]
-            h = lambda d: hashlib.sha256(d).hexdigest()  # noqa: E731
-            for d in [config] + layers:
-                blobs[h(d)] = d
-            manifest = json.dumps({
-                "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
-                "config": {"mediaType": oci.OCI_CONFIG, "digest": "sha256:" + h(config),
-                           "size": len(config)},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                            "digest": "sha256:" + h(l), "size": len(l)} for l in layers]},
-                separators=(",", ":")).encode()
-            blobs[h(manifest)] = manifest
-            for tag in e.get("RepoTags") or []:
-                index.append({"mediaType": oci.OCI_MANIFEST, "digest": "sha256:" + h(manifest),
-                              "size": len(manifest), "annotations": {
-                                  "io.containerd.image.name": tag,
-                                  "org.opencontainers.image.ref.name": tag.rpartition(":")[2]}})
-                repos.setdefault(tag.rpartition(":")[0], {})[tag.rpartition(":")[2]] = h(config)
-            new_entries.append({"Config": "blobs/sha256/" + h(config),
-                                "RepoTags": e.get("RepoTags"),
-                                "Layers": ["blobs/sha256/" + h(l) for l in layers]})
-    with tarfile.open(out, "w") as tar:
-        for hexd, data in sorted(blobs.items()):
-            _add(tar, "blobs/sha256/" + hexd, data)
-        _add(tar, "index.json", json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
-                                            "manifests": index}).encode())
-        _add(tar, "manifest.json", json.dumps(new_entries).encode())
-        _add(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-        _add(tar, "repositories", json.dumps(repos).encode())
-    return out
+        def read(name):
+            member = t.getmember(name)
+            if member.issym():
+                member = t.getmember(str(Path(name).parent / member.linkname))
+            return t.extractfile(member).read()
+        images = [([read(l) for l in e["Layers"]], read(e["Config"]), e.get("RepoTags") or [])
+                  for e in json.loads(t.extractfile("manifest.json").read())]
+    return write_docker25(out, images)
 
 
 @pytest.fixture(scope="module")

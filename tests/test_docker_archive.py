@@ -88,50 +88,99 @@ def classic_archive(path, images, link_duplicates=True):
     return path
 
 
-def docker25_archive(path, images):
-    """Write ``images`` as Docker >= 25 ``docker save`` does (OCI layout + manifest.json).
+def _full_name(name):
+    """Docker's normalised name (``reference.Named.String()``): busybox:latest ->
+    docker.io/library/busybox:latest; written independently of the code under test."""
+    first, slash, _ = name.partition("/")
+    if not slash:
+        return "docker.io/library/" + name
+    if "." not in first and ":" not in first and first != "localhost":
+        return "docker.io/" + name
+    return name
 
-    Layers are uncompressed tar blobs, the manifest an OCI manifest, and
-    index.json names each image with ``io.containerd.image.name`` and the
-    tag as ``org.opencontainers.image.ref.name``.
+
+def _familiar(name):
+    """Docker's ``reference.FamiliarString``: the inverse of :func:`_full_name`."""
+    for prefix in ("docker.io/library/", "docker.io/"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def _go_json(doc):
+    """Go's ``json.Marshal``: compact, fields in struct order (the dicts' order here)."""
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def write_docker25(path, images, manifest_layers=True):
+    """Write ``images`` [(uncompressed layer tars, config bytes, names)] as Docker >= 25
+    ``docker save`` lays them out (moby ``image/tarexport/save.go``).
+
+    ``blobs/sha256/``: each layer tar under its diff_id, a legacy v1 JSON per layer (not
+    referenced by anything), the config, and an OCI manifest whose config descriptor carries
+    the platform.  ``index.json`` (compact, ``mediaType`` set) has one entry per *name*: the
+    manifest with ``platform`` and the annotations ``io.containerd.image.name`` (the full
+    name, ``docker.io/library/busybox:latest``) and ``org.opencontainers.image.ref.name``
+    (the tag); an image saved by ID has no entry.  ``manifest.json`` (Go's encoder: compact
+    with a final newline) lists ``Config``, ``RepoTags`` (familiar names, ``null`` if none)
+    and ``Layers`` as ``blobs/sha256/<diff_id>``; ``repositories`` maps familiar repo ->
+    tag -> the top layer's diff_id hex.  Members are the temp dir's walk: sorted, directories
+    first.  ``manifest_layers=False`` is Docker 25.0.0, whose manifest listed no layers.
     """
     blobs, entries, index, repos = {}, [], [], {}
-    for layers, config, name in images:
-        raws = [gzip.decompress(l.data) if l.compression == "gzip" else l.data
-                for l in layers]
+    for raws, config, names in images:
+        cfg = json.loads(config)
+        platform = {"architecture": cfg["architecture"], "os": cfg["os"]}
+        parent = ""
         for raw in raws:
             blobs[_hex(raw)] = raw
+            v1id = _hex((parent + _hex(raw)).encode())
+            v1 = _go_json({"id": v1id, "parent": parent, "created": "1970-01-01T00:00:00Z",
+                           "container_config": {"Cmd": None}, "os": cfg["os"]})
+            blobs[_hex(v1)] = v1
+            parent = v1id
         blobs[_hex(config)] = config
-        manifest = json.dumps({
+        manifest = _go_json({
             "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
             "config": {"mediaType": oci.OCI_CONFIG, "digest": "sha256:" + _hex(config),
-                       "size": len(config)},
+                       "size": len(config), "platform": platform},
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": "sha256:" + _hex(r), "size": len(r)} for r in raws]},
-            separators=(",", ":")).encode()
+                        "digest": "sha256:" + _hex(r), "size": len(r)}
+                       for r in raws] if manifest_layers else []})
         blobs[_hex(manifest)] = manifest
-        ann = {}
-        if name:
-            ann = {"io.containerd.image.name": name,
-                   "org.opencontainers.image.ref.name": name.rpartition(":")[2]}
-            repo, _, tag = name.rpartition(":")
-            repos.setdefault(repo, {})[tag] = _hex(config)
-        index.append({"mediaType": oci.OCI_MANIFEST, "digest": "sha256:" + _hex(manifest),
-                      "size": len(manifest), "annotations": ann})
+        for name in names:
+            full = _full_name(name)
+            index.append({"mediaType": oci.OCI_MANIFEST, "digest": "sha256:" + _hex(manifest),
+                          "size": len(manifest),
+                          "annotations": {"io.containerd.image.name": full,
+                                          "org.opencontainers.image.ref.name":
+                                              full.rpartition(":")[2]},
+                          "platform": platform})
+            repo, _, tag = _familiar(name).rpartition(":")
+            repos.setdefault(repo, {})[tag] = _hex(raws[-1])
         entries.append({"Config": "blobs/sha256/" + _hex(config),
-                        "RepoTags": [name] if name else None,
+                        "RepoTags": [_familiar(n) for n in names] or None,
                         "Layers": ["blobs/sha256/" + _hex(r) for r in raws]})
     with tarfile.open(path, "w") as tar:
         _add(tar, "blobs", type=tarfile.DIRTYPE, mode=0o755)
         _add(tar, "blobs/sha256", type=tarfile.DIRTYPE, mode=0o755)
         for hexd, data in sorted(blobs.items()):
-            _add(tar, "blobs/sha256/" + hexd, data)
-        _add(tar, "index.json", json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
-                                            "manifests": index}).encode())
-        _add(tar, "manifest.json", json.dumps(entries).encode())
-        _add(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-        _add(tar, "repositories", json.dumps(repos).encode())
+            _add(tar, "blobs/sha256/" + hexd, data, mode=0o644)
+        _add(tar, "index.json", _go_json({"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
+                                           "manifests": index}), mode=0o644)
+        _add(tar, "manifest.json", _go_json(entries) + b"\n", mode=0o644)
+        _add(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}', mode=0o644)
+        if repos:
+            _add(tar, "repositories", _go_json(repos) + b"\n", mode=0o644)
     return path
+
+
+def docker25_archive(path, images, manifest_layers=True):
+    """Write ``images`` [(layers, config, name or None)] built in Python as Docker >= 25
+    ``docker save`` does (:func:`write_docker25`)."""
+    return write_docker25(path, [
+        ([gzip.decompress(l.data) if l.compression == "gzip" else l.data for l in layers],
+         config, [name] if name else []) for layers, config, name in images], manifest_layers)
 
 
 def _open(path, wanted=None):
@@ -141,7 +190,12 @@ def _open(path, wanted=None):
 
 # --- reading good archives -------------------------------------------------
 
-@pytest.mark.parametrize("flavour", [classic_archive, docker25_archive])
+def docker25_0_archive(path, images):
+    """Docker 25.0.0: the OCI manifest in blobs/ lists no layers (manifest.json does)."""
+    return docker25_archive(path, images, manifest_layers=False)
+
+
+@pytest.mark.parametrize("flavour", [classic_archive, docker25_archive, docker25_0_archive])
 def test_read_both_flavours(tmp_path, flavour):
     layers, config, name = make_image(3)
     path = flavour(tmp_path / "a.tar", [(layers, config, name)])
@@ -158,6 +212,75 @@ def test_read_both_flavours(tmp_path, flavour):
         layer.fetch(str(dest), lambda n: None)
         assert "sha256:" + _hex(dest.read_bytes()) == want.diff_id
         dest.unlink()
+
+
+def test_docker25_names_and_an_image_saved_by_id(tmp_path):
+    """Docker 25 names an image in index.json by its full name (docker.io/library/...) and in
+    manifest.json by its familiar one; an image saved by ID is in manifest.json only."""
+    a, b = make_image(1, name="busybox:latest"), make_image(2, name=None)
+    path = docker25_archive(tmp_path / "a.tar", [a, b])
+    with tarfile.open(path) as t:
+        index = json.loads(t.extractfile("index.json").read())
+        entries = json.loads(t.extractfile("manifest.json").read())
+    assert [m["annotations"]["io.containerd.image.name"] for m in index["manifests"]] == [
+        "docker.io/library/busybox:latest"]
+    assert [e["RepoTags"] for e in entries] == [["busybox:latest"], None]
+    for wanted in ("busybox", "busybox:latest", "docker.io/library/busybox:latest"):
+        src = open_source("docker-archive:%s:%s" % (path, wanted))
+        assert src.config_raw == a[1]
+        assert src.annotations[oci.ANNOTATION_REPOSITORY] == "library/busybox"
+    with pytest.raises(ArchiveError, match="holds 2 images.*busybox:latest.*untagged image #2"):
+        open_source("docker-archive:%s" % path)
+    only = docker25_archive(tmp_path / "id.tar", [b])
+    src = open_source("docker-archive:%s" % only)
+    assert src.config_raw == b[1]
+    assert [l.descriptor.digest for l in src.layers] == [l.diff_id for l in b[0]]
+
+
+def containerd_archive(path, layers, config, name):
+    """Write one image as Docker with the containerd image store saves it (containerd's
+    ``images/archive`` exporter): the registry's blobs as pulled (gzip layers), ``index.json``
+    naming the registry's multi-platform *index* (annotated as Docker 25 does), of which only
+    the host platform's manifest, config and layers are in ``blobs/``; ``manifest.json``
+    points at the compressed layer blobs.  Returns the host manifest's digest."""
+    blobs = {_hex(l.data): l.data for l in layers}
+    blobs[_hex(config)] = config
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.OCI_CONFIG, "digest": "sha256:" + _hex(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": l.media_type, "digest": l.digest, "size": l.size}
+                   for l in layers]}, indent=3).encode()
+    blobs[_hex(manifest)] = manifest
+    other = b'{"schemaVersion":2}'          # another platform's manifest: not in the tar
+    index = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [
+        {"mediaType": oci.OCI_MANIFEST, "digest": "sha256:" + _hex(other), "size": len(other),
+         "platform": {"architecture": "arm64", "os": "linux"}},
+        {"mediaType": oci.OCI_MANIFEST, "digest": "sha256:" + _hex(manifest),
+         "size": len(manifest), "platform": {"architecture": "amd64", "os": "linux"}}]}).encode()
+    blobs[_hex(index)] = index
+    with tarfile.open(path, "w") as tar:
+        for hexd, data in sorted(blobs.items()):
+            _add(tar, "blobs/sha256/" + hexd, data)
+        _add(tar, "index.json", _go_json({"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
+                                           "manifests": [{
+            "mediaType": oci.OCI_INDEX, "digest": "sha256:" + _hex(index), "size": len(index),
+            "annotations": {"io.containerd.image.name": _full_name(name),
+                            "org.opencontainers.image.ref.name": name.rpartition(":")[2]}}]}))
+        _add(tar, "manifest.json", _go_json([{
+            "Config": "blobs/sha256/" + _hex(config), "RepoTags": [_familiar(name)],
+            "Layers": ["blobs/sha256/" + _hex(l.data) for l in layers]}]) + b"\n")
+        _add(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+    return "sha256:" + _hex(manifest)
+
+
+def test_containerd_store_archive_keeps_the_registry_manifest(tmp_path):
+    layers, config, name = make_image(2, "gzip")
+    digest = containerd_archive(tmp_path / "c.tar", layers, config, name)
+    src = open_source("docker-archive:%s" % (tmp_path / "c.tar"))
+    assert src.manifest.digest == digest          # through the index, to the host's manifest
+    assert [(l.descriptor.digest, l.descriptor.media_type) for l in src.layers] == [
+        (l.digest, l.media_type) for l in layers]
 
 
 def test_shared_layers_are_symlinks_within_archive(tmp_path):
@@ -250,6 +373,30 @@ def test_write_refuses_a_corrupt_layer_file(tmp_path):
     victim.write_bytes(bytes(data[:-5]))
     with pytest.raises(DigestMismatch, match="shorter"):
         write_archive(io.BytesIO(), manifest, config, paths)
+
+
+def test_zstd_layers_are_written_plain_in_a_docker_archive_only(tmp_path):
+    manifest, config, paths, layers = _layout_image(tmp_path, "zstd", n=2)
+    docker, oci_tar = io.BytesIO(), io.BytesIO()
+    write_archive(docker, manifest, config, paths, ["example.org/z:1"])
+    write_archive(oci_tar, manifest, config, paths, ["example.org/z:1"], fmt="oci-archive")
+    with tarfile.open(fileobj=io.BytesIO(docker.getvalue())) as t:
+        entry = json.loads(t.extractfile("manifest.json").read())[0]
+        assert entry["Layers"] == ["blobs/sha256/" + l.diff_id[7:] for l in layers]
+        for member, layer in zip(entry["Layers"], layers):   # the plain tar itself
+            assert "sha256:" + _hex(t.extractfile(member).read()) == layer.diff_id
+    with tarfile.open(fileobj=io.BytesIO(oci_tar.getvalue())) as t:
+        assert {l.digest[7:] for l in layers} <= {n.rpartition("/")[2] for n in t.getnames()}
+    (tmp_path / "d.tar").write_bytes(docker.getvalue())
+    src = open_source("docker-archive:%s" % (tmp_path / "d.tar"))     # diff_ids checked
+    assert [l.descriptor.digest for l in src.layers] == [l.diff_id for l in layers]
+    # a zstd layer file not holding its bytes: refused before anything is written
+    victim = paths[manifest.layers[1].digest]
+    victim.write_bytes(victim.read_bytes()[:-3])
+    out = io.BytesIO()
+    with pytest.raises(DigestMismatch, match=manifest.layers[1].digest):
+        write_archive(out, manifest, config, paths)
+    assert out.getvalue() == b""
 
 
 # --- OCI layouts ----------------------------------------------------------

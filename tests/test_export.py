@@ -1,6 +1,7 @@
 """udocker-export: images from a dataset into a real Docker Engine and into skopeo."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import datalad.api as dl
 
 import datalad_udocker.commands.export_image  # noqa: F401  (binds Dataset.udocker_export)
 from checks import git
+from datalad_udocker.archive.source import open_source
 from fixtures.util import stop_process
 
 pytestmark = pytest.mark.timeout(600)
@@ -20,9 +22,10 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def stored(registry, tmp_path_factory):
-    """A dataset holding test/multi:1 (3 layers) and test/docker:1 (v2s2 media types)."""
+    """A dataset holding test/multi:1 (3 layers), test/docker:1 (v2s2 media types) and
+    test/zstd:1 (zstd layers)."""
     ds = dl.create(tmp_path_factory.mktemp("export") / "ds", result_renderer="disabled")
-    for ref in ("test/multi:1", "test/docker:1"):
+    for ref in ("test/multi:1", "test/docker:1", "test/zstd:1"):
         res = ds.udocker_import(registry.images[ref].reference, result_renderer="disabled",
                                 return_type="list")
         assert res[0]["status"] == "ok", res
@@ -84,6 +87,73 @@ def test_export_docker_media_types(stored, registry, dockerd, tmp_path):
     text = load_and_run(dockerd, ["-i", str(out)], pushed.reference, "cat",
                         "/docker/marker.txt")
     assert text == "v2s2\n"
+
+
+def test_zstd_layers_are_exported_plain_and_load_into_docker(stored, registry, dockerd,
+                                                           tmp_path):
+    """Docker 20.10 cannot read zstd: the docker-archive holds those layers as plain tars
+    under their diff_id (the image ID is the same), and the image loads and runs."""
+    pushed = registry.images["test/zstd:1"]
+    out = tmp_path / "z.tar"
+    assert export(stored, "zstd", output=str(out))["status"] == "ok"
+    diff_ids = pushed.config_json["rootfs"]["diff_ids"]
+    with tarfile.open(out) as t:
+        entry = json.loads(t.extractfile("manifest.json").read())[0]
+        assert entry["Layers"] == ["blobs/sha256/" + d.split(":")[1] for d in diff_ids]
+        for member in entry["Layers"]:
+            data = t.extractfile(member).read()
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == "sha256:" + member[-64:]
+        index = json.loads(t.extractfile("index.json").read())["manifests"]
+        manifest = json.loads(t.extractfile("blobs/sha256/" + index[0]["digest"][7:]).read())
+        assert [(l["mediaType"], l["digest"]) for l in manifest["layers"]] == [
+            ("application/vnd.oci.image.layer.v1.tar", d) for d in diff_ids]
+    text = load_and_run(dockerd, ["-i", str(out)], pushed.reference, "cat", "/zstd/marker.txt")
+    assert text == "zstd\n"
+    # the oci-archive keeps the registry's zstd blobs (OCI tools read zstd)
+    oci_out = tmp_path / "z-oci.tar"
+    assert export(stored, "zstd", output=str(oci_out), format="oci-archive")["status"] == "ok"
+    with tarfile.open(oci_out) as t:
+        for layer in pushed.layers:
+            assert t.getmember("blobs/sha256/" + layer.digest.split(":")[1]).size == layer.size
+
+
+@pytest.mark.parametrize("name", ["multi", "docker", "zstd"])
+def test_exports_are_identical_and_load_under_one_image_id(stored, registry, dockerd, tmp_path,
+                                                           name):
+    """Two exports are the same bytes, and `docker load` gives both the same image ID: the
+    config's digest (Docker's image ID)."""
+    pushed = registry.images[f"test/{name}:1"]
+    outs = [tmp_path / "a.tar", tmp_path / "b.tar"]
+    for out in outs:
+        assert export(stored, name, output=str(out))["status"] == "ok"
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    ids = []
+    for out in outs:
+        dockerd.docker("load", "-i", str(out))
+        ids.append(dockerd.docker("image", "inspect", "--format", "{{.Id}}",
+                                  pushed.reference).stdout.decode().strip())
+        dockerd.docker("rmi", pushed.reference)
+    assert ids[0] == ids[1] == pushed.config_digest, ids
+
+
+@pytest.mark.parametrize("fmt", ["docker-archive", "oci-archive"])
+def test_a_docker_image_export_is_read_by_oci_tools_and_reimports_as_itself(
+        stored, registry, ds, tmp_path, fmt):
+    """A v2s2 image's export names an OCI manifest in index.json (skopeo finds it by tag) and
+    keeps the registry's manifest, which a re-import stores again."""
+    pushed = registry.images["test/docker:1"]
+    out = tmp_path / "d.tar"
+    assert export(stored, "docker", output=str(out), format=fmt)["status"] == "ok"
+    if fmt == "oci-archive":
+        res = subprocess.run(["skopeo", "inspect", f"oci-archive:{out}:1"], capture_output=True,
+                             text=True)
+        assert res.returncode == 0, res.stderr
+    # read on its own (no registry), the archive gives the registry's manifest back
+    assert open_source(f"{fmt}:{out}").manifest.digest == pushed.manifest_digest
+    res = ds.udocker_import(f"{fmt}:{out}", name="again", result_renderer="disabled",
+                            return_type="list")
+    assert res[0]["status"] == "ok", res
+    assert res[0]["manifest_digest"] == pushed.manifest_digest
 
 
 @pytest.mark.parametrize("fmt", ["docker-archive", "oci-archive"])

@@ -10,14 +10,17 @@ classic (Docker < 25)
 OCI layout (Docker >= 25)
     the same ``manifest.json`` and ``repositories`` next to ``oci-layout``,
     ``index.json`` and ``blobs/sha256/<hex>`` for config, manifests and
-    layers.  A tar with only ``index.json`` (an ``oci-archive``) is handed to
+    layers (uncompressed, named by diff_id; with the containerd image store
+    the registry's compressed blobs, and ``index.json`` names the registry's
+    index, of which only the host platform's manifest is in the tar).  A tar with only ``index.json`` (an ``oci-archive``) is handed to
     :mod:`.oci_archive`.
 
 Writing (:func:`write_archive`) produces the second flavour in one pass
 through ``tarfile`` in stream mode (``w|``): layers go in exactly as they are
-stored (compressed registry blobs; ``docker load`` decompresses them), so an
+stored (compressed registry blobs; ``docker load`` decompresses them), except
+zstd ones, which go in as plain tars (Docker < 23 reads no zstd), so an
 export can go to a pipe.  With ``fmt="oci-archive"`` only the OCI layout part
-is written.
+is written, every layer as stored.
 
 Reading never extracts anything: :class:`..members.TarReader` indexes the
 members, refuses absolute paths, ``..`` components, device nodes and FIFOs,
@@ -31,7 +34,8 @@ import re
 import tarfile
 
 from .. import oci
-from ..dataset.layout import OCILayout, blob_name, layout_files
+from ..dataset.layout import (MAX_NESTING, OCILayout, blob_name,
+                               layout_files, oci_entry)
 from ..digest import Digest, HashingReader, sha256_digest
 from ..errors import ArchiveError, DigestMismatch, UdockerError
 from ..members import TarReader, normalize  # noqa: F401 (TarReader: re-export)
@@ -116,13 +120,26 @@ def _indexed_manifest(reader, config_digest):
         return None, {}
     for desc in entries:
         try:
-            parsed = layout.read_manifest(desc)
+            desc = layout.source_descriptor(desc)
+            for parsed in _manifests_under(layout, desc):
+                if parsed.config.digest == config_digest:
+                    return parsed, dict(desc.annotations)
         except UdockerError:
             continue
-        if isinstance(parsed, oci.Manifest) and \
-                parsed.config.digest == config_digest:
-            return parsed, dict(desc.annotations)
     return None, {}
+
+
+def _manifests_under(layout, desc, depth=0):
+    """The image manifests ``desc`` leads to that the archive holds: Docker
+    with the containerd image store saves the image's index (the registry's)
+    with only the host platform's manifest in ``blobs/``."""
+    parsed = layout.read_manifest(desc)
+    if isinstance(parsed, oci.Manifest):
+        yield parsed
+    elif depth < MAX_NESTING:
+        for m in parsed.manifests:
+            if layout.has_blob(m.digest):
+                yield from _manifests_under(layout, m, depth + 1)
 
 
 # --- writing --------------------------------------------------------------
@@ -147,13 +164,26 @@ def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
     those bytes (checked as they stream: DigestMismatch at the first wrong
     layer).  ``repo_tags`` become ``RepoTags`` (docker-archive) and the
     index's ``ref.name`` (oci-archive).
+
+    ``index.json`` names an OCI manifest (a Docker one is written too and
+    named by its annotation, as in a dataset's layout), so OCI tools read the
+    archive by tag and a re-import finds the registry's manifest.  In a
+    docker-archive, zstd layers are written as plain tars named by their
+    diff_id (Docker before 23 cannot read zstd; the diff_id, hence the image
+    ID, is the same), and ``index.json`` then names a manifest over those.
+    The bytes depend on nothing but the image: two exports are identical.
     """
     if fmt not in ("docker-archive", "oci-archive"):
         raise ArchiveError("unknown archive format %r (docker-archive or "
                            "oci-archive)" % fmt)
-    index_entry = oci.Descriptor(manifest.media_type, manifest.digest,
-                                 len(manifest.raw),
-                                 annotations=dict(annotations or {}))
+    plain = _plain_layers(manifest, config_raw, layer_paths) \
+        if fmt == "docker-archive" else {}
+    exported = manifest
+    if plain:
+        exported = oci.build_oci_manifest(manifest.config, [
+            oci.Descriptor(oci.OCI_LAYER_TYPES[None], *plain[l.digest])
+            if l.digest in plain else l for l in manifest.layers])
+    index_entry, manifests = oci_entry(exported, annotations)
     if repo_tags:
         index_entry.annotations.setdefault(ANNOTATION_CONTAINERD_NAME,
                                            normalize_name(repo_tags[0])
@@ -165,30 +195,23 @@ def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
     try:
         _add_bytes(tar, *oci_layout)
         _add_bytes(tar, blob_name(manifest.config.digest), config_raw)
-        _add_bytes(tar, blob_name(manifest.digest), manifest.raw)
+        for m in manifests:
+            _add_bytes(tar, blob_name(m.digest), m.raw)
         seen = set()
         for layer in manifest.layers:
             if layer.digest in seen:
                 continue
             seen.add(layer.digest)
             with open(layer_paths[layer.digest], "rb") as f:
-                reader = HashingReader(f)
-                try:
-                    tar.addfile(_tarinfo(blob_name(layer.digest), layer.size),
-                                reader)
-                except OSError as exc:
-                    raise DigestMismatch("layer %s is shorter than %d bytes "
-                                         "(%s)" % (layer.digest, layer.size,
-                                                   exc))
-                if reader.digest != layer.digest or f.read(1):
-                    raise DigestMismatch(
-                        "layer %s: the stored file does not hold these bytes "
-                        "(run `git annex fsck`)" % layer.digest)
+                if layer.digest in plain:
+                    _add_unzstd(tar, layer, f, *plain[layer.digest])
+                else:
+                    _add_layer(tar, layer, f)
         _add_bytes(tar, *index)
         if fmt == "docker-archive":
             entry = {"Config": blob_name(manifest.config.digest),
                      "RepoTags": list(repo_tags),
-                     "Layers": [blob_name(l.digest) for l in manifest.layers]}
+                     "Layers": [blob_name(l.digest) for l in exported.layers]}
             _add_bytes(tar, "manifest.json", _dumps([entry]))
             repos = {}
             for tag in repo_tags:
@@ -197,6 +220,79 @@ def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
             _add_bytes(tar, "repositories", _dumps(repos))
     finally:
         tar.close()
+
+
+def _add_layer(tar, layer, f):
+    """Add the layer blob ``f`` as it is, checked against ``layer``."""
+    reader = HashingReader(f)
+    try:
+        tar.addfile(_tarinfo(blob_name(layer.digest), layer.size), reader)
+    except OSError as exc:
+        raise DigestMismatch("layer %s is shorter than %d bytes (%s)"
+                             % (layer.digest, layer.size, exc))
+    if reader.digest != layer.digest or f.read(1):
+        raise DigestMismatch(_NOT_THESE_BYTES % layer.digest)
+
+
+_NOT_THESE_BYTES = ("layer %s: the stored file does not hold these bytes "
+                    "(run `git annex fsck`)")
+
+
+def _unzstd(f):
+    """``(compressed, uncompressed)`` HashingReaders over the zstd file ``f``."""
+    try:
+        import zstandard
+    except ImportError:
+        raise ArchiveError("the image has zstd layers, which a docker-archive "
+                           "holds uncompressed: install the 'zstandard' "
+                           "package to export it") from None
+    compressed = HashingReader(f)
+    return compressed, HashingReader(zstandard.ZstdDecompressor().stream_reader(
+        compressed, read_across_frames=True))
+
+
+def _plain_layers(manifest, config_raw, layer_paths):
+    """``{digest: (diff_id, size)}`` of the zstd layers, each decompressed
+    once to learn its size (a tar header comes first) and checked: its
+    bytes must be the layer's and decompress to the config's diff_id."""
+    zstd = [(l, d) for l, d in zip(manifest.layers,
+                                   oci.parse_config(config_raw).diff_ids)
+            if oci.layer_compression(l.media_type) == "zstd"]
+    plain = {}
+    for layer, diff_id in zstd:
+        with open(layer_paths[layer.digest], "rb") as f:
+            compressed, out = _unzstd(f)
+            try:
+                out.drain()
+                compressed.drain()
+            except _zstd_errors() as exc:
+                raise DigestMismatch("layer %s is not valid zstd (%s): %s"
+                                     % (layer.digest, exc, _NOT_THESE_BYTES
+                                        % layer.digest)) from None
+        if compressed.digest != layer.digest or out.digest != diff_id:
+            raise DigestMismatch(_NOT_THESE_BYTES % layer.digest)
+        plain[layer.digest] = (Digest(diff_id), out.count)
+    return plain
+
+
+def _add_unzstd(tar, layer, f, diff_id, size):
+    """Add the zstd layer ``f`` decompressed, as ``blobs/sha256/<diff_id>``."""
+    compressed, out = _unzstd(f)
+    try:
+        tar.addfile(_tarinfo(blob_name(diff_id), size), out)
+        out.read(1)
+        compressed.drain()
+    except (OSError,) + _zstd_errors() as exc:
+        raise DigestMismatch("layer %s changed during the export (%s)"
+                             % (layer.digest, exc)) from None
+    if out.digest != diff_id or out.count != size \
+            or compressed.digest != layer.digest:
+        raise DigestMismatch(_NOT_THESE_BYTES % layer.digest)
+
+
+def _zstd_errors():
+    import zstandard
+    return (zstandard.ZstdError,)
 
 
 def _dumps(doc):

@@ -2,9 +2,13 @@
 
 The layout a dataset holds already has everything ``docker load`` needs:
 the config, and the layer blobs exactly as the registry served them
-(``docker load`` and skopeo accept compressed layers).  The export streams
-them into a tar in one pass, nothing recompressed and nothing staged (see
-:func:`.docker_archive.write_archive`), so it can go to a pipe.
+(``docker load`` and skopeo accept gzip layers).  The export streams them
+into a tar in one pass, nothing staged (see
+:func:`.docker_archive.write_archive`), so it can go to a pipe.  Only zstd
+layers change, in a docker-archive: Docker before 23 cannot read zstd, so
+they go in decompressed (read twice: once for the size, once into the tar).
+The image ID Docker computes (the config's digest) is the stored one, and
+two exports of an image are the same bytes.
 
 The image is tagged with the name and tag it was imported under (the
 ``org.datalad.udocker.*`` annotations of the layout's index.json), and the

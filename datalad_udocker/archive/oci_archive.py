@@ -107,7 +107,8 @@ def read_oci_layout(reader, wanted=None, platform=None):
     layout = OCILayout(reader, ArchiveError)
     where = "OCI layout %s" % reader.path
     top = choose(layout.entries(), wanted, _names, where)
-    manifest = layout.resolve(top, platform)
+    source = layout.source_descriptor(top)    # a Docker manifest we exported
+    manifest = layout.resolve(source, platform)
     config_raw, config = layout.read_config(manifest)
     if len(config.diff_ids) != len(manifest.layers):
         raise ArchiveError("%s: config lists %d diff_ids but the manifest %d "
@@ -122,4 +123,4 @@ def read_oci_layout(reader, wanted=None, platform=None):
                                    layer.size, layer.digest, layer.media_type))
     names = [n for n in _names(top) if ":" in n or "/" in n]
     return ArchiveImage(config_raw, layers, names, manifest,
-                        dict(top.annotations))
+                        dict(source.annotations))

@@ -17,7 +17,6 @@ blobs with their URL, unmatched ones from the archive without a URL, and
 ``ImageSource.notes`` says which.  If everything matches and the configs are
 identical, the stored manifest is the registry's own.
 """
-import json
 import os
 import re
 import zlib
@@ -33,9 +32,6 @@ from ..reference import parse_reference
 from ..registry.source import source_annotations
 from ..source import ImageSource, LayerSource
 from ..transports import LOCAL_TRANSPORTS as TRANSPORTS
-_OCI_LAYER = {None: "application/vnd.oci.image.layer.v1.tar",
-              "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-              "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
 
 
 def parse_spec(spec):
@@ -100,7 +96,7 @@ class VerifiedLayer:
                  media_type):
         self.member, self.digest, self.size = member, digest, size
         self.diff_id, self.compression = diff_id, compression
-        self.media_type = media_type or _OCI_LAYER[compression]
+        self.media_type = media_type or oci.OCI_LAYER_TYPES[compression]
 
 
 def _compression(head):
@@ -202,17 +198,9 @@ def _copy_fetch(transport, path, member, digest, size):
 
 
 def _build_manifest(config_raw, descriptors):
-    doc = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
-           "config": {"mediaType": oci.OCI_CONFIG,
-                      "digest": sha256_digest(config_raw),
-                      "size": len(config_raw)},
-           "layers": [d.to_dict() for d in descriptors]}
-    raw = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
-    return oci.parse_manifest(raw, oci.OCI_MANIFEST)
-
-
-def _oci_media_type(media_type):
-    return _OCI_LAYER[oci.layer_compression(media_type)]
+    return oci.build_oci_manifest(oci.Descriptor(
+        oci.OCI_CONFIG, sha256_digest(config_raw), len(config_raw)),
+        descriptors)
 
 
 class _LocalImage:
@@ -340,7 +328,7 @@ def _with_registry(local, ref, pinned, client_factory):
         manifest, config_raw = resolved.manifest, resolved.config_raw
         annotations = source_annotations(ref, resolved)
     else:
-        descs = [oci.Descriptor(_oci_media_type(d.media_type), d.digest,
+        descs = [oci.Descriptor(oci.oci_layer_type(d.media_type), d.digest,
                                 d.size) for d in descs]
         manifest = _build_manifest(local.image.config_raw, descs)
         config_raw = local.image.config_raw

@@ -2,8 +2,14 @@
 written here only.
 
 The layout a dataset holds is a plain OCI image layout that skopeo and umoci
-read: ``index.json`` names one image manifest (annotated with where it came
-from), ``blobs/sha256/<hex>`` holds the manifest, the config and the layers.
+read: ``index.json`` names one OCI image manifest (annotated with where it
+came from), ``blobs/sha256/<hex>`` holds the manifest, the config and the
+layers.  An image the registry serves with Docker media types keeps the
+registry's manifest blob untouched (the image is keyed on its digest) and
+``index.json`` names an OCI manifest over the same config and layer blobs,
+annotated with the registry manifest's digest (``org.datalad.udocker.manifest``);
+:meth:`OCILayout.manifest_descriptor` returns the registry's.  Layouts
+written before that (a Docker manifest in ``index.json``) read the same.
 In a dataset the JSON blobs are in git and the layer blobs are git-annex
 symlinks.  The same :class:`OCILayout` reads an ``oci:DIR`` source, an
 ``oci-archive:`` tar and the OCI part of a Docker >= 25 ``docker save``:
@@ -84,11 +90,51 @@ class OCILayout:
                              % (self.path, exc)) from None
 
     def manifest_descriptor(self):
-        """The descriptor of the (first) image ``index.json`` names."""
+        """The descriptor of the image: its SOURCE manifest.
+
+        ``index.json`` names one image (the first entry).  When that entry
+        is an OCI manifest re-describing the registry's Docker manifest
+        (written so that OCI tools read the layout, see
+        :func:`write_json_files`), the descriptor returned is the registry's
+        manifest's, which its annotation names, with the entry's other
+        annotations: the image is keyed on that digest everywhere.
+        """
         entries = self.entries()
         if not entries:
             raise self.error("%s names no image" % self.index_path)
-        return entries[0]
+        return self.source_descriptor(entries[0])
+
+    def source_descriptor(self, entry):
+        """The descriptor of the manifest ``entry`` re-describes (its
+        :data:`..oci.ANNOTATION_MANIFEST`), checked to name the same blobs;
+        ``entry`` itself if it re-describes none."""
+        source = entry.annotations.get(oci.ANNOTATION_MANIFEST)
+        if source is None:
+            return entry
+        try:
+            source = Digest(source)
+        except UdockerError:
+            raise self.error("OCI layout %s: index.json annotation %s is not "
+                             "a digest" % (self.path, oci.ANNOTATION_MANIFEST)
+                             ) from None
+        raw = self.read_blob(source, "manifest")
+        try:
+            original = oci.parse_manifest(raw, None, source)
+            view = oci.parse_manifest(self.read_blob(entry.digest, "manifest"),
+                                      entry.media_type, entry.digest)
+        except UdockerError as exc:
+            raise self.error("OCI layout %s: manifest %s: %s"
+                             % (self.path, source, exc)) from None
+        if not (isinstance(original, oci.Manifest)
+                and isinstance(view, oci.Manifest)
+                and oci.describes_same_blobs(original, view)):
+            raise self.error("OCI layout %s: manifest %s does not describe the "
+                             "image index.json names (%s)"
+                             % (self.path, source, entry.digest))
+        return oci.Descriptor(original.media_type, source, len(raw),
+                              annotations={
+                                  k: v for k, v in entry.annotations.items()
+                                  if k != oci.ANNOTATION_MANIFEST})
 
     def annotations(self):
         return dict(self.manifest_descriptor().annotations)
@@ -176,26 +222,41 @@ def layout_files(entry):
                                           ("index.json", index))]
 
 
+def oci_entry(manifest, annotations):
+    """``(index.json entry, [manifests to store])`` for the image
+    ``manifest``: OCI tools read only OCI manifests, so a Docker one is
+    stored untouched (its digest and URL stay valid) and the entry names an
+    OCI manifest over the same blobs, annotated with the Docker manifest's
+    digest (:meth:`OCILayout.source_descriptor` goes back to it)."""
+    view = oci.as_oci_manifest(manifest)
+    annotations = dict(annotations or {})
+    if view is not manifest:
+        annotations[oci.ANNOTATION_MANIFEST] = str(manifest.digest)
+    entry = oci.Descriptor(view.media_type, view.digest, len(view.raw),
+                           annotations=annotations)
+    return entry, [manifest] if view is manifest else [manifest, view]
+
+
 def write_json_files(path, manifest, config_raw, annotations):
     """Write the git-tracked part of a layout into ``path``.
 
-    Writes ``oci-layout``, ``index.json`` and the manifest and config blobs
-    (exactly the registry's bytes, so their digests hold).  Returns the list
-    of paths written.  Layer blobs are the store's business.
+    Writes ``oci-layout``, ``index.json``, the manifest and config blobs
+    (exactly the registry's bytes, so their digests hold) and, for a Docker
+    manifest, the OCI manifest ``index.json`` names (:func:`oci_entry`).
+    Returns the list of paths written.  Layer blobs are the store's business.
     """
     layout = OCILayout(path)
     layout.blob_path(manifest.digest).parent.mkdir(parents=True,
                                                    exist_ok=True)
+    entry, manifests = oci_entry(manifest, annotations)
     written = []
-    for digest, raw in ((manifest.digest, manifest.raw),
-                        (manifest.config.digest, config_raw)):
+    for digest, raw in [(m.digest, m.raw) for m in manifests] + [
+            (manifest.config.digest, config_raw)]:
         if sha256_digest(raw) != digest:
             raise LayoutError("refusing to write blob %s: bytes do not match"
                               % digest)
         written.append(layout.blob_path(digest))
         _write_atomic(written[-1], raw)
-    entry = oci.Descriptor(manifest.media_type, manifest.digest,
-                           len(manifest.raw), annotations=annotations)
     for name, data in layout_files(entry):
         written.append(layout.path / name)
         _write_atomic(written[-1], data)
