@@ -8,7 +8,11 @@ only in the registry (a bare git repository without annexed content):
 
 - ``containers-run`` by absolute path enables the remote, gets the layers from the registry
   and runs (its runner, ``datalad-udocker-run``, is the one that gets them);
-- ``udocker-export`` by absolute path does the same in another fresh clone.
+- ``udocker-export`` by absolute path does the same in another fresh clone;
+- so does the runner itself, ``datalad-udocker-run``, called by absolute path;
+- a plain ``datalad get`` (DataLad core: no code of ours runs) says "not available" until
+  ``git annex enableremote udocker-registry`` is run with the venv's bin on PATH, as
+  docs/hpc.rst says.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from fixtures.util import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(300)
 
-DATALAD = str(REPO_ROOT / ".venv" / "bin" / "datalad")
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+DATALAD = str(VENV_BIN / "datalad")
 IMAGE = Path(".datalad/environments/single/image")
 REMOTE = "udocker-registry"
 
@@ -106,4 +111,50 @@ def test_udocker_export_enables_the_registry_remote(nonroot, published):
     run([DATALAD, "udocker-export", "-o", str(out), "single"], cwd=clone)
     with tarfile.open(out) as tar:
         assert "manifest.json" in tar.getnames()
+    assert_layers_from_registry(run, clone, registry, before)
+
+
+def test_runner_by_absolute_path_enables_the_registry_remote(nonroot, published):
+    base, bare, registry = published
+    run = unactivated(nonroot, base)
+    clone = fresh_clone(run, bare, base / "runner-clone")
+    before = served(registry)
+    res = run([str(VENV_BIN / "datalad-udocker-run"), "-d", ".", str(IMAGE),
+               "sh", "-c", "echo from-runner"], cwd=clone)
+    assert res.stdout == "from-runner\n", res.stderr
+    assert_layers_from_registry(run, clone, registry, before)
+
+
+def test_plain_datalad_get_after_enableremote(nonroot, published):
+    """What docs/hpc.rst tells a user whose `datalad get` says "not available"."""
+    base, bare, registry = published
+    run = unactivated(nonroot, base)
+    clone = fresh_clone(run, bare, base / "get-clone")
+    before = served(registry)
+    res = run([DATALAD, "get", str(IMAGE)], cwd=clone, check=False)
+    assert res.returncode != 0 and "not available" in res.stdout + res.stderr
+    run(["sh", "-c", f"PATH={VENV_BIN}:$PATH git annex enableremote {REMOTE}"], cwd=clone)
+    # git-annex runs git-annex-remote-udocker for every get: the venv's bin on PATH
+    res = run([DATALAD, "get", str(IMAGE)], cwd=clone, check=False)
+    assert res.returncode != 0 and "git-annex-remote-udocker" in res.stdout + res.stderr
+    run(["sh", "-c", f"PATH={VENV_BIN}:$PATH datalad get {IMAGE}"], cwd=clone)
+    assert_layers_from_registry(run, clone, registry, before)
+
+
+def test_clone_loading_the_extension_enables_the_registry_remote(nonroot, published):
+    """docs/hpc.rst: with datalad.extensions.load=udocker in the user's git configuration,
+    ``datalad clone`` by absolute path enables the remote at once, and ``get`` works."""
+    base, bare, registry = published
+    run = unactivated(nonroot, base)
+    gitconfig = base / "gitconfig-extensions"
+    gitconfig.write_text((nonroot.home / ".gitconfig").read_text())
+    nonroot.chown(gitconfig)
+    env = {"PATH": SYSTEM_PATH, "GIT_CONFIG_GLOBAL": str(gitconfig)}
+    nonroot.run(["git", "config", "--global", "--add", "datalad.extensions.load", "udocker"],
+                env=env)
+    clone = base / "ext-clone"
+    before = served(registry)
+    nonroot.run([DATALAD, "clone", str(bare), str(clone)], cwd=base, env=env)
+    assert REMOTE in run(["git", "remote"], cwd=clone).stdout.split()
+    nonroot.run([DATALAD, "get", str(IMAGE)], cwd=clone, env=env)
     assert_layers_from_registry(run, clone, registry, before)
