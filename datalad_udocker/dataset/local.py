@@ -66,15 +66,20 @@ def enable_registry_remote(path):
 
 def enable_for_containers_run(argv):
     """Enable the registry remote in the dataset a ``datalad containers-run``
-    command line (``argv``) runs in: its ``-d``/``--dataset``, else the
-    current directory.  Never raises: a failure is logged with what to run
-    (the ``get`` that follows then fails as it would have)."""
-    where = "."
-    for i, arg in enumerate(argv):
-        if arg in ("-d", "--dataset") and i + 1 < len(argv):
+    command line (``argv``, without the program) runs in: its
+    ``-d``/``--dataset``, else the current directory (or DataLad's ``-C``).
+    Never raises: a failure is logged with what to run (the ``get`` that
+    follows then fails as it would have)."""
+    where = chdir = "."
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-d", "--dataset"):
             where = argv[i + 1]
-        elif arg.startswith("--dataset="):
+        elif arg == "-C" and i < argv.index("containers-run"):
+            chdir = argv[i + 1]
+    for arg in argv:
+        if arg.startswith("--dataset="):
             where = arg.split("=", 1)[1]
+    where = os.path.join(chdir, where)
     if not os.path.isdir(where):
         return
     try:
