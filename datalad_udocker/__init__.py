@@ -27,3 +27,11 @@ command_suite = (
 # containers-run starts find our runner in an unactivated venv
 from .callformat import make_runner_findable  # noqa: E402
 make_runner_findable()
+
+# `datalad containers-run` gets the image's layers with DataLad's own `get`
+# before our runner starts: enable the registry remote that a clone made
+# without our scripts on PATH could not enable (dataset.local)
+import sys as _sys  # noqa: E402
+if "containers-run" in _sys.argv[1:]:
+    from .dataset.local import enable_for_containers_run
+    enable_for_containers_run(_sys.argv[1:])

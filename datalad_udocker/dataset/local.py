@@ -5,9 +5,27 @@ may not be present.  Export and run both need every blob locally first;
 :func:`ensure_local` gets the missing ones (through a ``fetch`` callback,
 normally :func:`datalad_get`) and raises one LayoutError if any is still
 missing.
+
+A clone made while git-annex could not find ``git-annex-remote-udocker``
+(``datalad clone`` called by absolute path from a venv that is not
+activated) has our registry remote recorded in its git-annex branch but not
+enabled, so git-annex cannot get a layer from it, ever.  Before getting,
+:func:`datalad_get` enables it (:func:`enable_registry_remote`), with our
+script directory on PATH.  ``datalad containers-run`` gets the image (its
+layers) with DataLad's own ``get`` before our runner starts: for it, loading
+the extension enables the remote (:func:`enable_for_containers_run`).
 """
-from ..errors import LayoutError
+import logging
+import os
+import subprocess
+import sys
+
+from .. import config
+from ..errors import LayoutError, UdockerError
+from . import annex
 from .layout import OCILayout
+
+lgr = logging.getLogger("datalad.udocker.local")
 
 
 def missing_blobs(layout):
@@ -16,6 +34,58 @@ def missing_blobs(layout):
     manifest = layout.manifest()
     return [d for d in manifest.blobs()
             if not layout.blob_path(d.digest).exists()]
+
+
+def enable_registry_remote(path):
+    """Enable the registry remote in the repository holding ``path`` if its
+    git-annex branch knows the remote but this clone has not enabled it.
+
+    Returns True if it was enabled now (False: nothing to do, or ``path`` is
+    not in a repository); raises a one-line UdockerError that says what to
+    run if enabling failed.
+    """
+    name = config.SPECIAL_REMOTE_NAME
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=path,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True)
+    repo = top.stdout.strip()
+    if top.returncode or not repo or annex.remote_uuid(repo, name) \
+            or not annex._remote_known(repo, name):
+        return False
+    try:
+        annex.ensure_special_remote(repo, name, config.SPECIAL_REMOTE_TYPE)
+    except UdockerError as exc:
+        raise UdockerError(
+            "could not enable the git-annex special remote %s in %s (%s); run "
+            "`git annex enableremote %s` there with %s on PATH" % (
+                name, repo, exc, name, os.path.dirname(sys.executable)))
+    lgr.info("enabled the git-annex special remote %s in %s (git-annex could "
+             "not find git-annex-remote-udocker when it was cloned)", name, repo)
+    return True
+
+
+def enable_for_containers_run(argv):
+    """Enable the registry remote in the dataset a ``datalad containers-run``
+    command line (``argv``, without the program) runs in: its
+    ``-d``/``--dataset``, else the current directory (or DataLad's ``-C``).
+    Never raises: a failure is logged with what to run (the ``get`` that
+    follows then fails as it would have)."""
+    where = chdir = "."
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-d", "--dataset"):
+            where = argv[i + 1]
+        elif arg == "-C" and i < argv.index("containers-run"):
+            chdir = argv[i + 1]
+    for arg in argv:
+        if arg.startswith("--dataset="):
+            where = arg.split("=", 1)[1]
+    where = os.path.join(chdir, where)
+    if not os.path.isdir(where):
+        return
+    try:
+        enable_registry_remote(where)
+    except UdockerError as exc:
+        lgr.warning("%s", exc)
 
 
 def datalad_get(dataset=None):
@@ -27,6 +97,11 @@ def datalad_get(dataset=None):
     """
     def fetch(paths):
         from datalad.api import get
+        try:
+            for where in sorted({os.path.dirname(str(p)) for p in paths}):
+                enable_registry_remote(where)
+        except UdockerError as exc:
+            return str(exc)
         try:
             results = get([str(p) for p in paths], dataset=dataset,
                           result_renderer="disabled", on_failure="ignore",
