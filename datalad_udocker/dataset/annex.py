@@ -32,16 +32,32 @@ def one_line(text, limit=300):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def git(repo_path, *args, input=None):
+def git(repo_path, *args, input=None, env=None):
     """Run ``git ARGS`` in ``repo_path``; return stdout, or raise a one-line UdockerError."""
     proc = subprocess.run(["git"] + list(args), cwd=repo_path, text=True,
-                          input=input, stdout=subprocess.PIPE,
+                          input=input, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         raise UdockerError("git %s failed: %s" % (args[0], one_line(
             detail[-1] if detail else "exit %d" % proc.returncode)))
     return proc.stdout
+
+
+def without_annex_filter():
+    """The environment for a ``git add`` of files that stay in git whatever
+    git-annex's clean filter would decide (``annex.largefiles=nothing``
+    applies to them): git stores them as they are, and no git-annex process
+    starts to say so.  Given as environment, not ``-c``, so the command line
+    stays ``git add ...``."""
+    env = dict(os.environ)
+    count = int(env.get("GIT_CONFIG_COUNT") or 0)
+    for i, name in enumerate(("filter.annex.process", "filter.annex.clean"),
+                             start=count):
+        env["GIT_CONFIG_KEY_%d" % i] = name
+        env["GIT_CONFIG_VALUE_%d" % i] = ""
+    env["GIT_CONFIG_COUNT"] = str(count + 2)
+    return env
 
 
 def annex(repo_path, *args, batch=None, config=()):

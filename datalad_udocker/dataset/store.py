@@ -311,8 +311,9 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged, remote_uuid):
                       scope="branch", reload=False)
         ds.config.set("datalad.containers.%s.cmdexec" % name, config.CMDEXEC,
                       scope="branch", reload=True)
+        # JSON and .datalad/config stay in git (annex.largefiles=nothing)
         annex.git(ds.path, "add", "--", *[str(p) for p in written + removed],
-                  str(config_file))
+                  str(config_file), env=annex.without_annex_filter())
         _git_commit(ds, [relpath, CONFIG],
                     "[DATALAD] udocker-import %s\n\nmanifest %s"
                     % (image.description, image.manifest.digest))
@@ -328,14 +329,25 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged, remote_uuid):
 
 
 def _git_commit(ds, paths, message):
-    """Commit ``paths`` (staged) and nothing else; no commit if unchanged."""
-    changed = subprocess.run(
-        ["git", "diff-index", "--cached", "--quiet", "HEAD", "--"] + paths,
-        cwd=ds.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if changed.returncode == 0:
+    """Commit ``paths`` (all staged) and nothing else; no commit if unchanged.
+
+    When nothing else is staged, the index is committed as it is; else
+    ``git commit -- PATHS`` leaves the user's other staged changes staged
+    (at the price of git reading those paths again).
+    """
+    staged = subprocess.run(
+        ["git", "diff-index", "--cached", "--name-only", "-z", "HEAD"],
+        cwd=ds.path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True)
+    ours = [p.rstrip("/") for p in paths]
+    names = [n for n in staged.stdout.split("\0") if n]
+    mine = [n for n in names
+            if any(n == p or n.startswith(p + "/") for p in ours)]
+    if staged.returncode == 0 and not mine:
         return
+    only = staged.returncode != 0 or len(mine) != len(names)
     annex.git(ds.path, "commit", "-q", "-m", message,
-              "--", *paths)
+              *(["--"] + paths if only else []))
 
 
 def _setup_remote(ds_path, lock):
