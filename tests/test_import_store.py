@@ -8,8 +8,10 @@ have made, and that nothing unverified gets in.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,26 @@ def test_clone_takes_the_remotes_verification(ds, registry, fault_proxy, tmp_pat
     assert got.returncode == 0, got.stdout
     assert "checksum" not in got.stdout, "git-annex hashed the layer a second time"
     assert_valid_layout(clone.path, layout)
+
+
+def test_annex_objects_on_another_filesystem(ds, registry, tmp_path):
+    """``.git/annex/objects`` a symlink to another filesystem (/dev/shm, tmpfs): the layers
+    cannot be renamed there, git-annex copies them in."""
+    shm = Path("/dev/shm")
+    assert os.stat(shm).st_dev != os.stat(ds.path).st_dev, "needs /dev/shm on another fs"
+    objects = Path(ds.path) / ".git/annex/objects"
+    elsewhere = Path(tempfile.mkdtemp(prefix="udocker-objects-", dir=shm))
+    try:
+        if objects.exists():
+            objects.rmdir()
+        objects.symlink_to(elsewhere)
+        pushed = registry.images["test/multi:1"]
+        res = imp(ds, pushed.reference)
+        assert res["status"] == "ok", res
+        assert_valid_layout(ds.path, res["path"])
+        fsck = annex(ds.path, "fsck", "--", res["path"], check=False)
+        assert fsck.returncode == 0 and "failed" not in fsck.stdout, fsck.stdout
+        assert not list((Path(ds.path) / ".git/annex/tmp").glob("datalad-udocker-*"))
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(elsewhere)])
+        shutil.rmtree(elsewhere, ignore_errors=True)

@@ -6,6 +6,7 @@ Each call runs ``git annex`` in the dataset with this Python environment's
 script directory on PATH, so git-annex finds ``git-annex-remote-udocker``
 even when the venv is not activated.
 """
+import errno
 import logging
 import os
 import subprocess
@@ -133,9 +134,10 @@ def store_verified(repo_path, files):
     """Make each ``{key: file}`` file the local content of its key, at once.
 
     The files were verified against their keys' digests as they were
-    downloaded (and sit under ``.git/annex/tmp``, on the same filesystem):
-    they are renamed into place and frozen as git-annex does, with no
-    git-annex process per key and no second hashing.  Presence is not
+    downloaded (and sit under ``.git/annex/tmp``): they are renamed into
+    place and frozen as git-annex does, with no git-annex process per key
+    and no second hashing (``setkey``, which copies, where the objects are
+    on another filesystem).  Presence is not
     logged here: the caller includes ``KEY <local_uuid> 1`` in its one
     ``setpresentkey`` batch (:func:`set_present`).
     """
@@ -157,7 +159,18 @@ def store_verified(repo_path, files):
         if os.path.isdir(keydir):       # left frozen by an earlier drop
             os.chmod(keydir, os.stat(keydir).st_mode | 0o700)
         os.makedirs(keydir, exist_ok=True)
-        os.replace(str(files[key]), obj)
+        try:
+            os.replace(str(files[key]), obj)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # objects on another filesystem (a symlinked annex): git-annex copies
+            try:
+                os.rmdir(keydir)
+            except OSError:
+                pass
+            set_key_content(repo_path, key, str(files[key]))
+            continue
         _remove_write_bits(obj)
         _remove_write_bits(keydir)
 
