@@ -164,10 +164,15 @@ def test_sigkill_after_the_commit_keeps_the_import(ds, registry, tmp_path):
     assert_clean(ds.path)
 
 
-def test_sigkill_during_git_commit_then_rerun_succeeds(ds, registry, tmp_path):
-    """Killed, git included, while `git commit` runs its pre-commit hook: git leaves its
-    index.lock behind; the next import must still complete on its own."""
+@pytest.mark.parametrize("user_staged", [True, False])
+def test_sigkill_during_git_commit_then_rerun_succeeds(ds, registry, tmp_path, user_staged):
+    """Killed, git included, while `git commit` runs its pre-commit hook: the next import must
+    still complete on its own.  With a change of the user's staged, the import commits only its
+    paths (``git commit -- PATHS``) and the killed git leaves its index.lock behind."""
     pushed = registry.images["test/single:1"]
+    if user_staged:
+        (Path(ds.path) / "notes.txt").write_text("mine\n")
+        git(ds.path, "add", "notes.txt")
     mark = tmp_path / "committing"
     git_hook(ds.path, "pre-commit", f"touch {mark}; exec sleep 300")
     proc = start_import(ds, pushed.reference, start_new_session=True)
@@ -179,9 +184,14 @@ def test_sigkill_during_git_commit_then_rerun_succeeds(ds, registry, tmp_path):
     finally:
         kill_hard(proc)
     (Path(ds.path) / ".git/hooks/pre-commit").unlink()
-    assert (Path(ds.path) / ".git/index.lock").exists()     # what the killed git left
+    if user_staged:
+        assert (Path(ds.path) / ".git/index.lock").exists()     # what the killed git left
     res = imp(ds, pushed.reference)
     assert res["status"] == "ok", res
     assert_valid_layout(ds.path, res["path"])
+    if user_staged:
+        assert git(ds.path, "status", "--porcelain") == "A  notes.txt\n"
+        git(ds.path, "rm", "-q", "--cached", "notes.txt")
+        (Path(ds.path) / "notes.txt").unlink()
     assert_clean(ds.path)
     assert not list((Path(ds.path) / ".git").glob("*index*.lock"))

@@ -292,7 +292,7 @@ FAIL = 'echo "injected failure" >&2; exit 1'
     ("registerurl", "git annex registerurl failed"),
     ("setpresentkey", "git annex setpresentkey failed"),
     ("git add", "git add failed"),
-    ("save", "datalad save failed"),
+    ("commit", "git commit failed"),
 ])
 def test_failure_inside_commit_step_rolls_back(ds, registry, tmp_path, monkeypatch, where,
                                                expect):

@@ -6,6 +6,10 @@ Three things under the dataset's git directory make this work:
   Every step that reads or changes what is tracked (the checks, annex keys,
   the index, the worktree, ``.datalad/config``, the commit) runs while it is
   held.  Downloads do not: they only write into the import's own staging dir.
+  Setting up the registry special remote (``git annex initremote``, once per
+  dataset) runs during the downloads under its own lock, ``remote.lock``
+  (:class:`RemoteSetupLock`); it is not rolled back: an import that fails
+  may leave the remote set up, ready for the next one.
 - ``annex/tmp/datalad-udocker-*``: one staging dir per import
   (:class:`Staging`), created under the dataset lock, with a file ``owner``
   that its import keeps ``flock``-ed until it has removed the dir.  A staging
@@ -57,8 +61,10 @@ def _try_flock(fd):
 class DatasetLock:
     """``with DatasetLock(ds):`` waits for any other import into ``ds``."""
 
+    NAME = "import.lock"
+
     def __init__(self, ds):
-        self.path = _state_dir(ds) / "import.lock"
+        self.path = _state_dir(ds) / self.NAME
         self.fd = None
 
     def __enter__(self):
@@ -76,6 +82,15 @@ class DatasetLock:
     def __exit__(self, *exc):
         os.close(self.fd)       # releases the lock
         self.fd = None
+
+
+class RemoteSetupLock(DatasetLock):
+    """Held while an import sets up the registry special remote, which it
+    does during its downloads (without the :class:`DatasetLock`): two
+    imports never initialise it twice.  Never wait for the dataset lock
+    while holding this one."""
+
+    NAME = "remote.lock"
 
 
 class Staging:

@@ -32,6 +32,7 @@ import time
 from annexremote import Master, RemoteError, SpecialRemote
 
 from .. import config
+from .annex import trust_remote_verification
 from ..digest import digest_from_key
 from ..errors import NotFoundError, RegistryError, UdockerError
 from ..registry.client import RegistryClient, parse_blob_url
@@ -79,7 +80,10 @@ class RegistryBlobRemote(SpecialRemote):
         self._down = {}            # registry host -> (monotonic time, message)
 
     def initremote(self):
-        pass
+        # this remote checks every byte against the key's digest: git-annex
+        # need not hash it again (also run when a clone autoenables it)
+        trust_remote_verification(self.annex.getgitdir(),
+                                  self.annex.getconfig("name"))
 
     def prepare(self):
         # plain http only where the user's own settings allow it (loopback,

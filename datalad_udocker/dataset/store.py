@@ -6,12 +6,13 @@ This is where a layer byte goes (read top to bottom):
    its source (registry, archive) into this import's staging dir under
    ``.git/annex/tmp``, hashed on the fly; a wrong digest never gets further.
 2. ``_commit``: only when every layer is verified does the dataset change:
-   each staged file becomes the content of the git-annex key
-   ``SHA256-s<size>--<hex>`` (= its registry digest, no re-hashing), the
-   layout's ``blobs/sha256/<hex>`` becomes a symlink to that key, its
-   registry URL is registered (claimed by our special remote, which is
-   marked as having it), the JSON goes to git, datalad-container learns the
-   image, and one ``datalad save`` records it all.
+   the layout's ``blobs/sha256/<hex>`` becomes a symlink to the git-annex
+   key ``SHA256-s<size>--<hex>`` (= its registry digest), each staged file
+   is moved into the annex as that key's content (no re-hashing, no
+   git-annex process per layer), its registry URL is registered (claimed by
+   our special remote, which is marked as having it), the JSON goes to git,
+   datalad-container learns the image, and one ``git commit`` of exactly
+   the paths the import changed records it all.
 
 Imports into one dataset take turns on a lock (see ``recovery``): the checks
 and the commit step hold it, downloads do not.  A failure or interrupt in the
@@ -35,7 +36,8 @@ from .. import config
 from ..digest import annex_key
 from ..errors import UdockerError
 from .layout import OCILayout, write_json_files
-from .recovery import DatasetLock, Journal, Staging
+from .recovery import (CONFIG, DatasetLock, Journal, RemoteSetupLock,
+                       Staging)
 
 lgr = logging.getLogger("datalad.udocker.store")
 
@@ -81,7 +83,7 @@ def store_image(ds, image, path=None, name=None, jobs=4):
     keys = {l.descriptor.digest: annex_key(l.descriptor.digest, l.descriptor.size)
             for l in image.layers}
     unique = {l.descriptor.digest: l for l in image.layers}
-    staging = None
+    staging = remote = None
     try:
         # 1. under the lock: recover what killed imports left, check, plan
         with DatasetLock(ds):
@@ -94,19 +96,26 @@ def store_image(ds, image, path=None, name=None, jobs=4):
         missing = [l for d, l in unique.items() if keys[d] not in present]
         outcome.downloaded = [l.descriptor.digest for l in missing]
         outcome.reused = [d for d in unique if d not in outcome.downloaded]
-        # 2. without it: downloads, into this import's own staging dir
+        # 2. without it: downloads, into this import's own staging dir;
+        #    meanwhile the registry remote is set up (its own lock)
+        if any(l.url for l in image.layers):
+            remote = _Background(_setup_remote, ds.path, RemoteSetupLock(ds))
         staged = _download_missing(missing, staging.path, jobs,
                                    image.description)
+        remote_uuid = remote.result() if remote else None
         # 3. under the lock again: what changed meanwhile, then commit
         with DatasetLock(ds):
             _recover(ds)
             if _check_target(ds, layout_dir, image, name, relpath):
                 return _notneeded(outcome, image)
-            _commit(ds, image, layout_dir, relpath, name, keys, staged)
+            _commit(ds, image, layout_dir, relpath, name, keys, staged,
+                    remote_uuid)
     except (subprocess.CalledProcessError, CommandError, OSError) as exc:
         raise UdockerError("import into %s failed: %s" % (
             ds.path, annex.one_line(exc))) from None
     finally:
+        if remote:
+            remote.wait()       # no git-annex of ours outlives the import
         if staging is not None:
             staging.remove()
     outcome.message = "stored %s: %d layer(s) downloaded, %d reused" % (
@@ -249,31 +258,33 @@ def _download_missing(layers, staging, jobs, description):
 
 # --- step 2: commit ------------------------------------------------------
 
-def _commit(ds, image, layout_dir, relpath, name, keys, staged):
+def _commit(ds, image, layout_dir, relpath, name, keys, staged, remote_uuid):
     """Make the dataset hold the image, in one commit; lock held.
 
     Keys are recomputed here: another import may have added some since the
     downloads were planned.  Only keys absent now are this step's own, and
     only those can be dropped again by its rollback.
+
+    Plumbing, not ``datalad save``: every path this step changes is known,
+    so it stages exactly those and commits exactly those (``git commit --
+    PATHS``: other staged changes of the user's stay staged, hooks run).
     """
     present = annex.keys_present(ds.path, set(keys.values()))
     lost = [d for d, k in keys.items() if k not in present and d not in staged]
     if lost:
         raise UdockerError("layer %s was removed from the annex during the "
                            "import; run the import again" % lost[0])
-    new = {d: f for d, f in staged.items() if keys[d] not in present}
-    journal = Journal.begin(ds, relpath, [keys[d] for d in new])
+    new = {keys[d]: f for d, f in staged.items() if keys[d] not in present}
+    journal = Journal.begin(ds, relpath, list(new))
+    config_file = Path(ds.path) / CONFIG
     try:
-        # layer contents into the annex, under their digest keys
-        for digest, tmpfile in new.items():
-            annex.set_key_content(ds.path, keys[digest], str(tmpfile))
         old_blobs = _layout_blob_files(layout_dir)
         written = write_json_files(layout_dir, image.manifest, image.config_raw,
                                    image.annotations)
         attrs = layout_dir / ".gitattributes"
         attrs.write_text(GITATTRIBUTES)
         written.append(attrs)
-        # layer symlinks
+        # layer symlinks (staged by fromkey)
         fromkey = []
         wanted = {OCILayout(layout_dir).blob_path(d): k
                   for d, k in keys.items()}
@@ -285,19 +296,27 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged):
             fromkey.append("%s %s" % (key, p.relative_to(ds.path).as_posix()))
         # blobs of a previous image that the new one does not use
         keep = set(wanted) | set(written)
-        for p in old_blobs - keep:
+        removed = sorted(old_blobs - keep)
+        for p in removed:
             p.unlink()
         if fromkey:
             annex.annex(ds.path, "fromkey", "--force", batch=fromkey)
-        _register_urls(ds, image, keys)
-        annex.git(ds.path, "add", "--", *[str(p) for p in written])
+        # layer contents into the annex, under their digest keys, verified
+        # as they were downloaded: moved into place, not hashed again
+        annex.store_verified(ds.path, new)
+        local = annex.local_uuid(ds.path) if new else None
+        annex.set_present(ds.path, [(k, local) for k in new]
+                          + _register_urls(ds, image, keys, remote_uuid))
         ds.config.set("datalad.containers.%s.image" % name, relpath,
                       scope="branch", reload=False)
         ds.config.set("datalad.containers.%s.cmdexec" % name, config.CMDEXEC,
                       scope="branch", reload=True)
-        _save(ds, [layout_dir, Path(ds.path) / ".datalad" / "config"],
-              "[DATALAD] udocker-import %s\n\nmanifest %s"
-              % (image.description, image.manifest.digest))
+        # JSON and .datalad/config stay in git (annex.largefiles=nothing)
+        annex.git(ds.path, "add", "--", *[str(p) for p in written + removed],
+                  str(config_file), env=annex.without_annex_filter())
+        _git_commit(ds, [relpath, CONFIG],
+                    "[DATALAD] udocker-import %s\n\nmanifest %s"
+                    % (image.description, image.manifest.digest))
     except BaseException:
         try:
             journal.undo(ds.path)
@@ -309,33 +328,76 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged):
     journal.finish()
 
 
-def _save(ds, paths, message):
-    """``datalad save`` of ``paths``; any failure -> one-line UdockerError."""
-    try:
-        res = ds.save(path=[str(p) for p in paths], message=message,
-                      result_renderer="disabled", on_failure="ignore",
-                      return_type="list")
-    except CommandError as exc:     # e.g. a failing git commit (hook)
-        detail = (exc.stderr or "").strip().splitlines()
-        raise UdockerError("datalad save failed: %s" % annex.one_line(
-            detail[-1] if detail else exc)) from None
-    failed = [r for r in res if r.get("status") not in ("ok", "notneeded")]
-    if failed:
-        raise UdockerError("datalad save failed: %s" % annex.one_line(
-            failed[0].get("message") or failed[0].get("status")))
+def _git_commit(ds, paths, message):
+    """Commit ``paths`` (all staged) and nothing else; no commit if unchanged.
+
+    When nothing else is staged, the index is committed as it is; else
+    ``git commit -- PATHS`` leaves the user's other staged changes staged
+    (at the price of git reading those paths again).
+    """
+    staged = subprocess.run(
+        ["git", "diff-index", "--cached", "--name-only", "-z", "HEAD"],
+        cwd=ds.path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True)
+    ours = [p.rstrip("/") for p in paths]
+    names = [n for n in staged.stdout.split("\0") if n]
+    mine = [n for n in names
+            if any(n == p or n.startswith(p + "/") for p in ours)]
+    if staged.returncode == 0 and not mine:
+        return
+    only = staged.returncode != 0 or len(mine) != len(names)
+    annex.git(ds.path, "commit", "-q", "-m", message,
+              *(["--"] + paths if only else []))
 
 
-def _register_urls(ds, image, keys):
+def _setup_remote(ds_path, lock):
+    """Our registry special remote, initialised if need be; its UUID."""
+    with lock:
+        return annex.ensure_special_remote(ds_path, config.SPECIAL_REMOTE_NAME,
+                                           config.SPECIAL_REMOTE_TYPE)
+
+
+class _Background:
+    """``func(*args)`` in a daemon thread; :meth:`result` waits for it
+    (interruptibly) and returns its value or raises its exception."""
+
+    def __init__(self, func, *args):
+        self._done = threading.Event()
+        self._value = self._error = None
+
+        def run():
+            try:
+                self._value = func(*args)
+            except BaseException as exc:    # handed to result()
+                self._error = exc
+            finally:
+                self._done.set()
+        threading.Thread(target=run, daemon=True).start()
+
+    def wait(self):
+        try:
+            while not self._done.wait(0.2):
+                pass
+        except KeyboardInterrupt:       # a second Ctrl-C: stop waiting
+            pass
+
+    def result(self):
+        while not self._done.wait(0.2):
+            pass
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _register_urls(ds, image, keys, uuid):
+    """Register the layers' blob URLs (claimed by our special remote, with
+    UUID ``uuid``); return the (key, uuid) pairs to record as present."""
     with_url = [l for l in image.layers if l.url]
     if not with_url:
-        return
-    uuid = annex.ensure_special_remote(ds.path, config.SPECIAL_REMOTE_NAME,
-                                       config.SPECIAL_REMOTE_TYPE)
+        return []
     lines = sorted({"%s %s" % (keys[l.descriptor.digest], l.url) for l in with_url})
     annex.annex(ds.path, "registerurl", batch=lines)
-    annex.annex(ds.path, "setpresentkey",
-                batch=sorted({"%s %s 1" % (keys[l.descriptor.digest], uuid)
-                              for l in with_url}))
+    return [(keys[l.descriptor.digest], uuid) for l in with_url]
 
 
 def _layout_blob_files(layout_dir):
