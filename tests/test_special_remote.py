@@ -97,13 +97,15 @@ PREPARE = """import json, sys
 from datalad_udocker.dataset import special_remote as sr
 remote = sr.RegistryBlobRemote(sr.Master())
 remote.prepare()
+remote.claimurl("http://127.0.0.1:5000/v2/x/blobs/sha256:" + "0" * 64)
 print(json.dumps([sorted(remote._insecure),
-                  sorted(m for m in sys.modules if m.split(".")[0] == "datalad")]))
+                  sorted(m for m in sys.modules if m.split(".")[0] in ("datalad", "requests"))]))
 """
 
 
 def prepared(path, env=None):
-    """(insecure registries, DataLad modules loaded) after the remote's prepare() in ``path``."""
+    """(insecure registries, DataLad and requests modules loaded) after the remote's
+    prepare() and a claimurl in ``path``: starting it loads neither."""
     proc = subprocess.run([sys.executable, "-c", PREPARE], cwd=path, capture_output=True,
                           text=True, env=env, check=True)
     return json.loads(proc.stdout.splitlines()[-1])

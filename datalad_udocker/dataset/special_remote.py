@@ -35,7 +35,7 @@ from .. import config
 from .annex import trust_remote_verification
 from ..digest import digest_from_key
 from ..errors import NotFoundError, RegistryError, UdockerError
-from ..registry.client import RegistryClient, parse_blob_url
+from ..registry.urls import parse_blob_url
 
 lgr = logging.getLogger("datalad.udocker.special_remote")
 
@@ -110,6 +110,7 @@ class RegistryBlobRemote(SpecialRemote):
                                 % (down, UNREACHABLE_FOR), temporary=True)
         client = self._clients.get(registry)
         if client is None:
+            from ..registry.client import RegistryClient   # loads requests
             client = self._clients[registry] = RegistryClient.for_url(
                 url, insecure_registries=self._insecure)
         return client

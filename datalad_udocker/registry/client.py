@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple, Union
+from typing import Callable, Iterable, Optional, Union
 
 import requests
 import urllib3
@@ -26,14 +26,13 @@ from ..errors import (DigestMismatch, NotFoundError, PlatformNotFound,
                       UdockerError, UnsupportedMediaType)
 from ..reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback_host
 from . import credentials as _credentials
-from .transport import Transport, redact_url
+from .transport import Transport
+from .urls import parse_blob_url, redact_url  # noqa: F401 (re-export)
 
 lgr = logging.getLogger("datalad.udocker.registry.client")
 
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_SMALL_BLOB_BYTES = 16 << 20
-_BLOB_URL_RE = re.compile(
-    r"^(https?://[^/?#]+)/v2/((?:[^/?#]+/)*[^/?#]+)/blobs/(sha256:[0-9a-f]{64})$")
 _LOOKUP = object()   # "credentials not given": look them up
 # failures while a response body streams in (after the headers arrived)
 _STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError,
@@ -56,18 +55,6 @@ class ResolvedImage:
     manifest: oci.Manifest
     platform: Optional[oci.Platform]
     config_raw: bytes
-
-
-def parse_blob_url(url) -> Tuple[str, str, str]:
-    """(base_url, repository, digest) of a registry blob URL.
-
-    ``http://127.0.0.1:5000/v2/test/x/blobs/sha256:ab..`` ->
-    ``("http://127.0.0.1:5000", "test/x", "sha256:ab..")``.
-    """
-    m = _BLOB_URL_RE.match(url or "") if isinstance(url, str) else None
-    if not m:
-        raise UdockerError("not a registry blob URL: %s" % redact_url(url))
-    return m.group(1), m.group(2), m.group(3)
 
 
 def pull_scope(repository):

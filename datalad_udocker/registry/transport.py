@@ -40,11 +40,12 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
 
+from .urls import redact_url  # noqa: F401 (re-export)
 from ..errors import AuthenticationError, NotFoundError, RegistryError
 
 lgr = logging.getLogger("datalad.udocker.registry.transport")
@@ -59,8 +60,6 @@ REDIRECT_STATUSES = frozenset((301, 302, 303, 307, 308))
 MAX_REDIRECTS = 10
 USER_AGENT = "datalad-udocker"
 CLIENT_ID = "datalad-udocker"
-_SENSITIVE_PARAM = re.compile(
-    r"token|sig|credential|key|auth|password|secret|policy", re.I)
 _TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,16384}\Z")    # printable, no space/CR/LF
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
@@ -75,22 +74,6 @@ def origin(url) -> Tuple[str, str, int]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
-
-
-def redact_url(url) -> str:
-    """``url`` without userinfo and with secret-looking query values hidden."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc.rpartition("@")[2]
-    query = parts.query
-    if query:
-        query = urlencode(
-            [(k, "REDACTED" if _SENSITIVE_PARAM.search(k) else v)
-             for k, v in parse_qsl(query, keep_blank_values=True)],
-            safe="/:")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def parse_challenge(header) -> Optional[Tuple[str, Dict[str, str]]]:
