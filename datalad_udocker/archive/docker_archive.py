@@ -15,8 +15,9 @@ OCI layout (Docker >= 25)
     index, of which only the host platform's manifest is in the tar).  A tar with only ``index.json`` (an ``oci-archive``) is handed to
     :mod:`.oci_archive`.
 
-Writing (:func:`write_archive`) produces the second flavour in one pass
-through ``tarfile`` in stream mode (``w|``): layers go in exactly as they are
+Writing (:func:`write_archive`) produces the second flavour in one pass,
+the bytes ``tarfile`` writes in stream mode (``w|``), with layer bodies the
+caller has verified copied by the kernel: layers go in exactly as they are
 stored (compressed registry blobs; ``docker load`` decompresses them), except
 zstd ones, which go in as plain tars (Docker < 23 reads no zstd), so an
 export can go to a pipe.  With ``fmt="oci-archive"`` only the OCI layout part
