@@ -629,3 +629,25 @@ def test_skopeo_reads_our_archives(tmp_path):
         assert res.returncode == 0, res.stderr
         info = json.loads(res.stdout)
         assert len(info["Layers"]) == 3
+
+
+def test_verified_layers_are_copied_by_the_kernel_into_the_same_bytes(tmp_path):
+    """Layers the caller verified go in by os.sendfile (or, where the kernel refuses,
+    e.g. an O_APPEND file, by read/write): the archive is the same bytes as the one
+    written hashing every layer through Python; a verified file that has shrunk since is
+    still refused."""
+    manifest, config, paths, _ = _layout_image(tmp_path)
+    ref = io.BytesIO()
+    write_archive(ref, manifest, config, paths, ["example.org/t/x:7"])
+    verified = {l.digest for l in manifest.layers}
+    for mode in ("wb", "ab"):
+        out = tmp_path / ("out-" + mode)
+        with open(out, mode) as f:
+            write_archive(f, manifest, config, paths, ["example.org/t/x:7"],
+                          verified=verified)
+        assert out.read_bytes() == ref.getvalue(), mode
+    victim = paths[manifest.layers[1].digest]
+    victim.write_bytes(victim.read_bytes()[:-5])
+    with open(tmp_path / "short", "wb") as f, \
+            pytest.raises(DigestMismatch, match="shorter"):
+        write_archive(f, manifest, config, paths, verified=verified)

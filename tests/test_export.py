@@ -290,3 +290,43 @@ def test_export_failing_midway_leaves_no_partial_output(stored, tmp_path):
     assert "export failed" in res["message"] and last in res["message"], res["message"]
     assert not out.exists()
     assert not list(tmp_path.glob(".never.tar*"))
+
+
+def _corrupt_last_layer(clone):
+    """Flip a byte in the middle of the last layer of ``multi`` (same size, mtime put
+    back); returns its digest."""
+    layout = Path(clone.path) / ".datalad/environments/multi/image"
+    index = json.loads((layout / "index.json").read_text())
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    last = manifest["layers"][-1]["digest"]
+    obj = Path(os.path.realpath(blobs / last.split(":")[1]))
+    st = obj.stat()
+    obj.parent.chmod(0o755)
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    obj.chmod(st.st_mode)
+    os.utime(obj, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return last
+
+
+def test_a_layer_changed_after_an_export_is_checked_again(stored, tmp_path):
+    """The first export hashes every layer and remembers it (the runtime's memo); a
+    second one trusts that only for unchanged files: a layer corrupted in place since,
+    same size and mtime, fails the export before anything reaches stdout."""
+    from datalad_udocker import config
+    clone = dl.clone(stored.path, tmp_path / "clone", result_renderer="disabled")
+    clone.get(".datalad/environments/multi/image", result_renderer="disabled")
+    assert export(clone, "multi", output=str(tmp_path / "a.tar"))["status"] == "ok"
+    memo = Path(config.udocker_dir()) / "datalad-udocker" / "verified"
+    assert len(list(memo.iterdir())) >= 3
+    last = _corrupt_last_layer(clone)
+    out = subprocess.run(_stream_cmd(clone.path, "multi", True), capture_output=True)
+    assert out.returncode != 0
+    assert out.stdout == b""            # checked before the first byte
+    assert last in out.stderr.decode()
+    res = export(clone, "multi", output=str(tmp_path / "b.tar"))
+    assert res["status"] == "error" and last in res["message"], res
+    assert not (tmp_path / "b.tar").exists()

@@ -15,8 +15,9 @@ OCI layout (Docker >= 25)
     index, of which only the host platform's manifest is in the tar).  A tar with only ``index.json`` (an ``oci-archive``) is handed to
     :mod:`.oci_archive`.
 
-Writing (:func:`write_archive`) produces the second flavour in one pass
-through ``tarfile`` in stream mode (``w|``): layers go in exactly as they are
+Writing (:func:`write_archive`) produces the second flavour in one pass,
+the bytes ``tarfile`` writes in stream mode (``w|``), with layer bodies the
+caller has verified copied by the kernel: layers go in exactly as they are
 stored (compressed registry blobs; ``docker load`` decompresses them), except
 zstd ones, which go in as plain tars (Docker < 23 reads no zstd), so an
 export can go to a pipe.  With ``fmt="oci-archive"`` only the OCI layout part
@@ -28,15 +29,16 @@ links that leave the archive, duplicate names, and truncated or corrupt tars,
 then hands out members by name.  The OCI part is read and written by
 :mod:`..dataset.layout`.  Digests and diff_ids are checked by :mod:`.source`.
 """
-import io
+import errno
 import json
+import os
 import re
 import tarfile
 
 from .. import oci
 from ..dataset.layout import (MAX_NESTING, OCILayout, blob_name,
                                layout_files, oci_entry)
-from ..digest import Digest, HashingReader, sha256_digest
+from ..digest import CHUNK, Digest, HashingReader, sha256_digest
 from ..errors import ArchiveError, DigestMismatch, UdockerError
 from ..members import TarReader, normalize  # noqa: F401 (TarReader: re-export)
 from .oci_archive import (ANNOTATION_CONTAINERD_NAME, ArchiveImage,
@@ -151,18 +153,104 @@ def _tarinfo(name, size):
     return info
 
 
-def _add_bytes(tar, name, data):
-    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+class _TarStream:
+    """The bytes ``tarfile.open(fileobj=out, mode="w|", format=PAX_FORMAT)``
+    writes for regular files, with file bodies copied by the kernel
+    (``os.sendfile``: into a file or a pipe) where nothing needs to see
+    them.  Headers come from :class:`tarfile.TarInfo`, so the archive is the
+    one ``tarfile`` would write."""
+
+    def __init__(self, out):
+        self.out, self.offset = out, 0
+
+    def _write(self, data):
+        self.out.write(data)
+        self.offset += len(data)
+
+    def _header(self, name, size):
+        self._write(_tarinfo(name, size).tobuf(
+            tarfile.PAX_FORMAT, tarfile.ENCODING, "strict"))
+
+    def _pad(self, size):
+        if size % tarfile.BLOCKSIZE:
+            self._write(tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+
+    def add_bytes(self, name, data):
+        self._header(name, len(data))
+        self._write(data)
+        self._pad(len(data))
+
+    def add_stream(self, name, size, reader):
+        """Add ``size`` bytes read from ``reader`` (read(n)); returns how
+        many it gave (fewer: the member is incomplete, the caller raises)."""
+        self._header(name, size)
+        copied = 0
+        while copied < size:
+            data = reader.read(min(CHUNK, size - copied))
+            if not data:
+                break
+            self._write(data)
+            copied += len(data)
+        self._pad(size)
+        return copied
+
+    def add_file(self, name, size, f):
+        """Add ``size`` bytes of the open file ``f`` from its position,
+        copied by the kernel if ``out`` has a file descriptor; returns the
+        count copied."""
+        try:
+            out_fd = self.out.fileno()
+        except (AttributeError, OSError, ValueError):
+            return self.add_stream(name, size, f)
+        self._header(name, size)
+        self.out.flush()
+        copied = 0
+        while copied < size:
+            try:
+                n = os.sendfile(out_fd, f.fileno(), None,
+                                min(size - copied, 1 << 30))
+            except OSError as exc:
+                if copied or exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                n = -1          # e.g. out opened O_APPEND: copy in Python
+            if n < 0:
+                copied = self._copy_rest(f, size)
+                break
+            if n == 0:
+                break
+            copied += n
+        self.offset += copied
+        self._pad(size)
+        return copied
+
+    def _copy_rest(self, f, size):
+        copied = 0
+        while copied < size:
+            data = f.read(min(CHUNK, size - copied))
+            if not data:
+                break
+            self.out.write(data)
+            copied += len(data)
+        return copied
+
+    def close(self):
+        """The end of archive: two zero blocks, then zeros up to a record."""
+        self._write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        if self.offset % tarfile.RECORDSIZE:
+            self._write(tarfile.NUL * (tarfile.RECORDSIZE
+                                       - self.offset % tarfile.RECORDSIZE))
 
 
 def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
-                  annotations=None, fmt="docker-archive"):
+                  annotations=None, fmt="docker-archive", verified=()):
     """Write one image as a tar stream to the binary file object ``out``.
 
     ``manifest`` is the stored oci.Manifest, ``config_raw`` its config bytes,
     ``layer_paths`` maps each layer digest to a readable file holding exactly
     those bytes (checked as they stream: DigestMismatch at the first wrong
-    layer).  ``repo_tags`` become ``RepoTags`` (docker-archive) and the
+    layer).  The layers in ``verified`` (digests) the caller has checked
+    already: they are copied by the kernel, only their size is checked
+    (see :mod:`.export`).  ``repo_tags`` become ``RepoTags`` (docker-archive) and the
     index's ``ref.name`` (oci-archive).
 
     ``index.json`` names an OCI manifest (a Docker one is written too and
@@ -191,46 +279,49 @@ def write_archive(out, manifest, config_raw, layer_paths, repo_tags=(),
         index_entry.annotations[oci.ANNOTATION_REF_NAME] = \
             repo_tags[0].rpartition(":")[2]
     oci_layout, index = layout_files(index_entry)
-    tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
-    try:
-        _add_bytes(tar, *oci_layout)
-        _add_bytes(tar, blob_name(manifest.config.digest), config_raw)
-        for m in manifests:
-            _add_bytes(tar, blob_name(m.digest), m.raw)
-        seen = set()
-        for layer in manifest.layers:
-            if layer.digest in seen:
-                continue
-            seen.add(layer.digest)
-            with open(layer_paths[layer.digest], "rb") as f:
-                if layer.digest in plain:
-                    _add_unzstd(tar, layer, f, *plain[layer.digest])
-                else:
-                    _add_layer(tar, layer, f)
-        _add_bytes(tar, *index)
-        if fmt == "docker-archive":
-            entry = {"Config": blob_name(manifest.config.digest),
-                     "RepoTags": list(repo_tags),
-                     "Layers": [blob_name(l.digest) for l in exported.layers]}
-            _add_bytes(tar, "manifest.json", _dumps([entry]))
-            repos = {}
-            for tag in repo_tags:
-                name, _, t = tag.rpartition(":")
-                repos.setdefault(name, {})[t] = manifest.config.hex
-            _add_bytes(tar, "repositories", _dumps(repos))
-    finally:
-        tar.close()
+    tar = _TarStream(out)
+    tar.add_bytes(*oci_layout)
+    tar.add_bytes(blob_name(manifest.config.digest), config_raw)
+    for m in manifests:
+        tar.add_bytes(blob_name(m.digest), m.raw)
+    seen = set()
+    for layer in manifest.layers:
+        if layer.digest in seen:
+            continue
+        seen.add(layer.digest)
+        with open(layer_paths[layer.digest], "rb") as f:
+            if layer.digest in plain:
+                _add_unzstd(tar, layer, f, *plain[layer.digest])
+            else:
+                _add_layer(tar, layer, f, layer.digest in verified)
+    tar.add_bytes(*index)
+    if fmt == "docker-archive":
+        entry = {"Config": blob_name(manifest.config.digest),
+                 "RepoTags": list(repo_tags),
+                 "Layers": [blob_name(l.digest) for l in exported.layers]}
+        tar.add_bytes("manifest.json", _dumps([entry]))
+        repos = {}
+        for tag in repo_tags:
+            name, _, t = tag.rpartition(":")
+            repos.setdefault(name, {})[t] = manifest.config.hex
+        tar.add_bytes("repositories", _dumps(repos))
+    tar.close()
 
 
-def _add_layer(tar, layer, f):
-    """Add the layer blob ``f`` as it is, checked against ``layer``."""
-    reader = HashingReader(f)
-    try:
-        tar.addfile(_tarinfo(blob_name(layer.digest), layer.size), reader)
-    except OSError as exc:
+def _add_layer(tar, layer, f, verified=False):
+    """Add the layer blob ``f`` as it is, checked against ``layer``: hashed
+    as it streams, or, if the caller ``verified`` it, by size only."""
+    name = blob_name(layer.digest)
+    if verified:
+        copied = tar.add_file(name, layer.size, f)
+    else:
+        reader = HashingReader(f)
+        copied = tar.add_stream(name, layer.size, reader)
+    if copied != layer.size:
         raise DigestMismatch("layer %s is shorter than %d bytes (%s)"
-                             % (layer.digest, layer.size, exc))
-    if reader.digest != layer.digest or f.read(1):
+                             % (layer.digest, layer.size,
+                                _NOT_THESE_BYTES % layer.digest))
+    if f.read(1) or not verified and reader.digest != layer.digest:
         raise DigestMismatch(_NOT_THESE_BYTES % layer.digest)
 
 
@@ -279,7 +370,7 @@ def _add_unzstd(tar, layer, f, diff_id, size):
     """Add the zstd layer ``f`` decompressed, as ``blobs/sha256/<diff_id>``."""
     compressed, out = _unzstd(f)
     try:
-        tar.addfile(_tarinfo(blob_name(diff_id), size), out)
+        tar.add_stream(blob_name(diff_id), size, out)
         out.read(1)
         compressed.drain()
     except (OSError,) + _zstd_errors() as exc:

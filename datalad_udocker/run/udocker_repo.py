@@ -22,8 +22,9 @@ nothing is fed.  Feeding only happens when a container has to be created
 runs once next to the much slower extraction.  To keep the second execution
 mode (or a re-creation after a prune) from hashing again, a blob that passed
 is remembered under ``datalad-udocker/verified/<hex>`` together with the
-device, inode, size and mtime of the file that was hashed; a file that was
-replaced or touched since is hashed again.  git-annex objects are
+device, inode, size, mtime and ctime of the file that was hashed; a file
+that was replaced, written or touched since is hashed again (ctime: even if
+its mtime was put back).  ``udocker-export`` trusts the same memo.  git-annex objects are
 write-protected and never change in place, so this memo is sound for them.
 
 Layer safety
@@ -175,7 +176,8 @@ class UdockerRepo:
         """
         st = os.stat(path)
         stamp = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
-                 "mtime_ns": st.st_mtime_ns, "digest": digest}
+                 "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                 "digest": digest}
         memo = self.verified_dir / Digest(digest).hex
         if checker is None:
             try:
