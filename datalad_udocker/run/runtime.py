@@ -31,6 +31,7 @@ contract), from a directory we own since it reads ``u.conf`` from its cwd.
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -437,7 +438,7 @@ class Runtime:
                 workdir = (layout.config().get("config") or {}).get(
                     "WorkingDir") or "/"
             opts = ["--nobanner", "--workdir=" + workdir]
-            opts += ["--volume=%s:%s" % (b, b) for b in binds]
+            opts += volume_options(binds, self.execmode, self.state_dir)
             opts += self._site_volumes(entry)
             if entrypoint:
                 opts.append("--entrypoint=" + entrypoint)
@@ -572,6 +573,51 @@ def plan_mounts(dataset, cwd=None):
         if cwd == root or cwd.startswith(root.rstrip("/") + "/"):
             return binds, cwd
     return binds, ds
+
+
+def volume_options(binds, execmode, state_dir):
+    """``--volume`` options binding each path of ``binds`` at itself.
+
+    udocker splits ``--volume=HOST:CONTAINER`` at the first ``:`` (no
+    escaping), and the container side may hold more: a host path with a
+    ``:`` is bound through a colon-free symlink to it, made in
+    ``state_dir``/binds.  F1 cannot bind such a path at all: Fakechroot's
+    path lists are ``:``-separated.
+    """
+    opts = []
+    for path in binds:
+        if ":" not in path:
+            opts.append("--volume=%s:%s" % (path, path))
+            continue
+        if execmode == "F1":
+            raise RuntimeError_(
+                "cannot run in execmode F1 in %s: Fakechroot cannot bind a "
+                "path containing ':'; use execmode P1 or R1, or move the "
+                "dataset" % path)
+        alias = _bind_alias(Path(state_dir) / "binds", path)
+        opts.append("--volume=%s:%s" % (alias, path))
+    return opts
+
+
+def _bind_alias(alias_dir, target):
+    """A symlink in ``alias_dir`` (made if need be) to ``target``, named by
+    its hash so that every run of ``target`` uses the same one."""
+    alias = alias_dir / hashlib.sha256(target.encode()).hexdigest()[:32]
+    if ":" in str(alias):
+        raise RuntimeError_(
+            "cannot bind %s: both it and the udocker directory %s contain "
+            "':'; set datalad.udocker.dir to a path without ':'"
+            % (target, alias_dir.parent.parent))
+    with contextlib.suppress(OSError):
+        if os.readlink(alias) == target:
+            return str(alias)
+    alias_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = alias_dir / (".%s.%d" % (alias.name, os.getpid()))
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, alias)      # atomic: a concurrent run sees old or new
+    return str(alias)
 
 
 def run_image(image_path, command=(), dataset=None, execmode=None,
