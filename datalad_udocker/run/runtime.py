@@ -439,6 +439,9 @@ class Runtime:
                     "WorkingDir") or "/"
             opts = ["--nobanner", "--workdir=" + workdir]
             opts += volume_options(binds, self.execmode, self.state_dir)
+            opts += identity_options(
+                self.execmode, layout.config().get("config") or {},
+                entry.path, self.state_dir, env)
             opts += self._site_volumes(entry)
             if entrypoint:
                 opts.append("--entrypoint=" + entrypoint)
@@ -584,19 +587,20 @@ def volume_options(binds, execmode, state_dir):
     ``state_dir``/binds.  F1 cannot bind such a path at all: Fakechroot's
     path lists are ``:``-separated.
     """
-    opts = []
     for path in binds:
-        if ":" not in path:
-            opts.append("--volume=%s:%s" % (path, path))
-            continue
-        if execmode == "F1":
+        if ":" in path and execmode == "F1":
             raise RuntimeError_(
                 "cannot run in execmode F1 in %s: Fakechroot cannot bind a "
                 "path containing ':'; use execmode P1 or R1, or move the "
                 "dataset" % path)
-        alias = _bind_alias(Path(state_dir) / "binds", path)
-        opts.append("--volume=%s:%s" % (alias, path))
-    return opts
+    return [_volume(path, path, state_dir) for path in binds]
+
+
+def _volume(host, container, state_dir):
+    """``--volume`` binding ``host`` at ``container`` (see volume_options)."""
+    if ":" in host:
+        host = _bind_alias(Path(state_dir) / "binds", host)
+    return "--volume=%s:%s" % (host, container)
 
 
 def _bind_alias(alias_dir, target):
@@ -618,6 +622,88 @@ def _bind_alias(alias_dir, target):
     os.symlink(target, tmp)
     os.replace(tmp, alias)      # atomic: a concurrent run sees old or new
     return str(alias)
+
+
+def identity_options(execmode, image_config, container_path, state_dir,
+                     env=None):
+    """udocker options giving the command the identity ``docker run`` gives
+    it, as far as ``execmode`` can (docs/runtime.rst, "Identity").
+
+    The image's ``User`` (default root) is looked up in the image's own
+    /etc/passwd and /etc/group as Docker does.  PRoot (P1, P2) runs as that
+    uid and gid: udocker is told to use the image's /etc/passwd as is (it
+    would otherwise bind a copy of it and run a user it finds there as the
+    caller's uid).  Fakechroot (F1) runs as the caller, runc (R1) as root:
+    each can fake no other identity.  ``HOME`` is the user's home in every
+    mode unless the image's Env or ``env`` sets it.
+    """
+    user = _docker_user(image_config.get("User") or "root",
+                        _image_file(container_path, "passwd"),
+                        _image_file(container_path, "group"))
+    opts = []
+    if user is None:                # a name not in /etc/passwd: udocker's way
+        return opts
+    uid, gid, home, found = user
+    if execmode in ("P1", "P2"):
+        if found:
+            # the image's passwd bound at itself: udocker runs the uid it
+            # finds there and binds no copy of its own
+            opts.append(_volume(str(Path(container_path) / "ROOT/etc/passwd"),
+                                "/etc/passwd", state_dir))
+            opts.append("--user=%s" % uid)
+        else:
+            # udocker adds the uid to a copy of /etc/passwd (as a user of
+            # that name and the caller's gid: "UID:GID" would be its name)
+            opts.append("--user=%s" % uid)
+    names = [str(e).split("=", 1)[0] for e in image_config.get("Env") or []]
+    if "HOME" not in names and "HOME" not in (env or {}):
+        opts.append("--env=HOME=" + home)
+    return opts
+
+
+def _image_file(container_path, name):
+    """The text of the image's /etc/``name`` in the container at
+    ``container_path`` ("" if none).  udocker's R1 setup moves it aside
+    (``.bind_orig_files``) and leaves a symlink; a symlink is not followed
+    (it could point at the host's files)."""
+    root = Path(container_path)
+    for path in (root / "ROOT" / "etc" / name,
+                 root / ".bind_orig_files" / ("#etc#" + name)):
+        if path.is_file() and not path.is_symlink():
+            try:
+                return path.read_text(errors="replace")
+            except OSError:
+                return ""
+    return ""
+
+
+def _docker_user(spec, passwd, group):
+    """``(uid, gid, home, found in passwd)`` for a ``User`` of ``spec``
+    (``user[:group]``, names or numbers) as Docker resolves it, or None for
+    a user name that is not in ``passwd``."""
+    name, _, group_spec = spec.partition(":")
+    entry = _lookup(passwd, name, id_field=2)
+    if entry is not None:
+        uid, gid, home = entry[2], entry[3], entry[5] or "/"
+    elif name.isdigit():
+        uid, gid, home = name, "0", "/"
+    else:
+        return None
+    if group_spec:
+        g = _lookup(group, group_spec, id_field=2)
+        gid = g[2] if g is not None else group_spec
+    return uid, gid, home, entry is not None
+
+
+def _lookup(text, key, id_field):
+    """The first ``:``-separated line of ``text`` whose name (or, for a
+    number, whose field ``id_field``) is ``key``, as a list, or None."""
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) > id_field and (
+                fields[0] == key or (key.isdigit() and fields[id_field] == key)):
+            return fields + [""] * (7 - len(fields))
+    return None
 
 
 def run_image(image_path, command=(), dataset=None, execmode=None,
