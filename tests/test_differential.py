@@ -213,7 +213,8 @@ def reference(spec: im.Spec, host_file: str) -> Outcome:
         while isinstance(e, im.Symlink):
             e = entry(os.path.join(os.path.dirname(path), e.target))
         out[f"test -x {path}"] = "yes" if e.mode & 0o111 else "no"    # root: any x bit
-    out.update({"id -u": "0", "id -G": "0", "HOME": "/root", "umask": DOCKER_UMASK, "yes | head -1": "y",
+    out.update({"id -u": "0", "id -G": "0", "HOME": "/root", "umask": DOCKER_UMASK,
+                "yes | head -1": "y",
                 # sh is PID 1 of the container's PID namespace: the kernel drops signals
                 # it sends itself whose action is the default (kill), so it goes on
                 "after kill -TERM": "still running", "after kill -SEGV": "still running",
