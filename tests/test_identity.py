@@ -29,9 +29,12 @@ def user_images(nonroot):
     spec = im.busybox_rootfs(extra={"etc/passwd": PASSWD, "etc/group": GROUP,
                                     "home/app": im.Dir(0o755)})
     layer = im.make_layer(spec)
-    yield {key: build(root, key, [layer], cmd=["/bin/sh"],
-                      **({"user": user} if user else {}))
-           for key, user in USERS.items()}
+    images = {key: build(root, key, [layer], cmd=["/bin/sh"],
+                         **({"user": user} if user else {}))
+              for key, user in USERS.items()}
+    images["envhome"] = build(root, "envhome", [layer], cmd=["/bin/sh"], user="app",
+                              env=["PATH=/bin", "HOME=/from-image"])
+    yield images
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -76,3 +79,6 @@ def test_home_from_env_wins(nonroot, module_udir, user_images, mode):
         f"execmode={mode!r}, env={{'HOME': '/elsewhere'}})\n"
         "print(json.dumps([code, out.decode(), err.decode()]))"))
     assert got == [0, "/elsewhere\n", ""]
+    res = run_cli(nonroot, module_udir, user_images["envhome"], "sh", "-c", "echo $HOME",
+                  mode=mode)
+    assert (res.returncode, res.stdout) == (0, "/from-image\n"), res.stderr
