@@ -664,12 +664,12 @@ def identity_options(execmode, image_config, container_path, state_dir,
 def _image_file(container_path, name):
     """The text of the image's /etc/``name`` in the container at
     ``container_path`` ("" if none).  udocker's R1 setup moves it aside
-    (``.bind_orig_files``) and leaves a symlink; a symlink is not followed
-    (it could point at the host's files)."""
-    root = Path(container_path)
-    for path in (root / "ROOT" / "etc" / name,
-                 root / ".bind_orig_files" / ("#etc#" + name)):
-        if path.is_file() and not path.is_symlink():
+    (``.bind_orig_files``) and leaves a symlink; no symlink is followed,
+    in the path either (one could point at the host's files)."""
+    root = Path(os.path.realpath(container_path))
+    for rel in ("ROOT/etc/" + name, ".bind_orig_files/#etc#" + name):
+        path = root / rel
+        if os.path.realpath(path) == str(path) and path.is_file():
             try:
                 return path.read_text(errors="replace")
             except OSError:
