@@ -630,44 +630,39 @@ def identity_options(execmode, image_config, container_path, state_dir,
     it, as far as ``execmode`` can (docs/runtime.rst, "Identity").
 
     The image's ``User`` (default root) is looked up in the image's own
-    /etc/passwd and /etc/group as Docker does.  PRoot (P1, P2) runs as that
-    uid and gid: udocker is told to use the image's /etc/passwd as is (it
-    would otherwise bind a copy of it and run a user it finds there as the
-    caller's uid).  Fakechroot (F1) runs as the caller, runc (R1) as root:
-    each can fake no other identity.  ``HOME`` is the user's home in every
-    mode unless the image's Env or ``env`` sets it.
+    /etc/passwd as Docker does.  PRoot (P1, P2) runs as that uid: udocker is
+    told to use the image's /etc/passwd as is (it would otherwise bind a
+    copy of it and run a non-root user it finds there as the caller's uid).
+    Fakechroot (F1) runs as the caller, runc (R1) as root: each can fake no
+    other identity.  ``HOME`` is the user's home in every mode unless the
+    image's Env or ``env`` sets it.
     """
     user = _docker_user(image_config.get("User") or "root",
-                        _image_file(container_path, "passwd"),
-                        _image_file(container_path, "group"))
-    opts = []
+                        _image_passwd(container_path))
     if user is None:                # a name not in /etc/passwd: udocker's way
-        return opts
-    uid, gid, home, found = user
+        return []
+    uid, home, found = user
+    opts = []
     if execmode in ("P1", "P2"):
-        if found:
-            # the image's passwd bound at itself: udocker runs the uid it
-            # finds there and binds no copy of its own
+        if found:       # udocker then runs the uid it finds there, as it is
             opts.append(_volume(str(Path(container_path) / "ROOT/etc/passwd"),
                                 "/etc/passwd", state_dir))
-            opts.append("--user=%s" % uid)
-        else:
-            # udocker adds the uid to a copy of /etc/passwd (as a user of
-            # that name and the caller's gid: "UID:GID" would be its name)
-            opts.append("--user=%s" % uid)
+        # else udocker adds the uid to a copy of /etc/passwd, with the
+        # caller's gid ("UID:GID" would become the user's name)
+        opts.append("--user=" + uid)
     names = [str(e).split("=", 1)[0] for e in image_config.get("Env") or []]
     if "HOME" not in names and "HOME" not in (env or {}):
         opts.append("--env=HOME=" + home)
     return opts
 
 
-def _image_file(container_path, name):
-    """The text of the image's /etc/``name`` in the container at
+def _image_passwd(container_path):
+    """The text of the image's /etc/passwd in the container at
     ``container_path`` ("" if none).  udocker's R1 setup moves it aside
     (``.bind_orig_files``) and leaves a symlink; no symlink is followed,
     in the path either (one could point at the host's files)."""
     root = Path(os.path.realpath(container_path))
-    for rel in ("ROOT/etc/" + name, ".bind_orig_files/#etc#" + name):
+    for rel in ("ROOT/etc/passwd", ".bind_orig_files/#etc#passwd"):
         path = root / rel
         if os.path.realpath(path) == str(path) and path.is_file():
             try:
@@ -677,33 +672,17 @@ def _image_file(container_path, name):
     return ""
 
 
-def _docker_user(spec, passwd, group):
-    """``(uid, gid, home, found in passwd)`` for a ``User`` of ``spec``
-    (``user[:group]``, names or numbers) as Docker resolves it, or None for
-    a user name that is not in ``passwd``."""
-    name, _, group_spec = spec.partition(":")
-    entry = _lookup(passwd, name, id_field=2)
-    if entry is not None:
-        uid, gid, home = entry[2], entry[3], entry[5] or "/"
-    elif name.isdigit():
-        uid, gid, home = name, "0", "/"
-    else:
-        return None
-    if group_spec:
-        g = _lookup(group, group_spec, id_field=2)
-        gid = g[2] if g is not None else group_spec
-    return uid, gid, home, entry is not None
-
-
-def _lookup(text, key, id_field):
-    """The first ``:``-separated line of ``text`` whose name (or, for a
-    number, whose field ``id_field``) is ``key``, as a list, or None."""
-    for line in text.splitlines():
+def _docker_user(spec, passwd):
+    """``(uid, home, found in passwd)`` for a ``User`` of ``spec``
+    (``user[:group]``, a name or a uid) as Docker resolves it, or None for a
+    user name that is not in ``passwd``."""
+    name = spec.partition(":")[0]
+    for line in passwd.splitlines():
         fields = line.split(":")
-        if len(fields) > id_field and (
-                fields[0] == key or (key.isdigit() and fields[id_field] == key)):
-            return fields + [""] * (7 - len(fields))
-    return None
+        if len(fields) >= 7 and (fields[0] == name or
+                                 (name.isdigit() and fields[2] == name)):
+            return fields[2], fields[5] or "/", True
+    return (name, "/", False) if name.isdigit() else None
 
 
 def run_image(image_path, command=(), dataset=None, execmode=None,
