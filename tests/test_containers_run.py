@@ -32,13 +32,14 @@ class User:
     def run(self, cmd, cwd=None, check=True):
         return self.nonroot.run(cmd, cwd=cwd or self.base, env=self.env, check=check)
 
-    def imported_clone(self, registry, ref, name):
-        """``datalad create`` + ``udocker-import`` REF as NAME, then a clone without content."""
+    def imported_clone(self, registry, ref, name, dest="clone"):
+        """``datalad create`` + ``udocker-import`` REF as NAME, then a clone without content
+        at DEST."""
         self.run(["datalad", "create", "-c", "text2git", "origin"])
         self.run(["datalad", "udocker-import", "-d", "origin", "-n", name,
                   f"{registry.host}/{ref}"])
-        self.run(["datalad", "clone", "origin", "clone"])
-        clone = self.base / "clone"
+        self.run(["datalad", "clone", "origin", dest])
+        clone = self.base / dest
         image = clone / ".datalad" / "environments" / name / "image"
         layers = [p for p in (image / "blobs" / "sha256").iterdir() if p.is_symlink()]
         assert layers and not any(p.exists() for p in layers), "clone must start without layers"
@@ -89,6 +90,29 @@ def test_containers_run_in_clone_and_rerun(user, registry, mode, ref, name):
     assert run_record((clone / ".git" / "COMMIT_EDITMSG").read_text())["exit"] == 3
     assert (clone / "failed.txt").read_text() == "partial\n"
     (clone / "failed.txt").unlink()
+    assert user.run(["git", "status", "--porcelain"], cwd=clone).stdout == ""
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "F1"])
+def test_dataset_path_with_colon_and_space(user, registry, mode):
+    """udocker's --volume splits at ':' (issue 9 item 6): such a dataset runs all the same,
+    bound at its own path (F1 cannot: one clear error)."""
+    clone = user.imported_clone(registry, "test/single:1", "single", dest="run: here x")
+    (clone / "sub:dir").mkdir()
+    user.nonroot.chown(clone / "sub:dir")
+    user.run(["git", "config", "datalad.udocker.execmode", mode], cwd=clone)
+    res = user.run(["datalad", "containers-run", "-n", "single", "-o", "out.txt",
+                    "sh -c 'pwd > ../out.txt; ls ..'"], cwd=clone / "sub:dir", check=False)
+    if mode == "F1":
+        assert res.returncode != 0
+        error = one_line_error(res) if "datalad-udocker-run: error:" in res.stderr else ""
+        assert "use execmode P1 or R1" in error, res.stdout + res.stderr
+        assert not (clone / "out.txt").exists()
+        return
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (clone / "out.txt").read_text() == f"{clone}/sub:dir\n"
+    assert "sub:dir" in res.stdout
+    assert os.lstat(clone / "out.txt").st_uid == user.nonroot.uid
     assert user.run(["git", "status", "--porcelain"], cwd=clone).stdout == ""
 
 

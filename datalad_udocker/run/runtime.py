@@ -31,6 +31,7 @@ contract), from a directory we own since it reads ``u.conf`` from its cwd.
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -437,7 +438,10 @@ class Runtime:
                 workdir = (layout.config().get("config") or {}).get(
                     "WorkingDir") or "/"
             opts = ["--nobanner", "--workdir=" + workdir]
-            opts += ["--volume=%s:%s" % (b, b) for b in binds]
+            opts += volume_options(binds, self.execmode, self.state_dir)
+            opts += identity_options(
+                self.execmode, layout.config().get("config") or {},
+                entry.path, self.state_dir, env)
             opts += self._site_volumes(entry)
             if entrypoint:
                 opts.append("--entrypoint=" + entrypoint)
@@ -572,6 +576,113 @@ def plan_mounts(dataset, cwd=None):
         if cwd == root or cwd.startswith(root.rstrip("/") + "/"):
             return binds, cwd
     return binds, ds
+
+
+def volume_options(binds, execmode, state_dir):
+    """``--volume`` options binding each path of ``binds`` at itself.
+
+    udocker splits ``--volume=HOST:CONTAINER`` at the first ``:`` (no
+    escaping), and the container side may hold more: a host path with a
+    ``:`` is bound through a colon-free symlink to it, made in
+    ``state_dir``/binds.  F1 cannot bind such a path at all: Fakechroot's
+    path lists are ``:``-separated.
+    """
+    for path in binds:
+        if ":" in path and execmode == "F1":
+            raise RuntimeError_(
+                "cannot run in execmode F1 in %s: Fakechroot cannot bind a "
+                "path containing ':'; use execmode P1 or R1, or move the "
+                "dataset" % path)
+    return [_volume(path, path, state_dir) for path in binds]
+
+
+def _volume(host, container, state_dir):
+    """``--volume`` binding ``host`` at ``container`` (see volume_options)."""
+    if ":" in host:
+        host = _bind_alias(Path(state_dir) / "binds", host)
+    return "--volume=%s:%s" % (host, container)
+
+
+def _bind_alias(alias_dir, target):
+    """A symlink in ``alias_dir`` (made if need be) to ``target``, named by
+    its hash so that every run of ``target`` uses the same one."""
+    alias = alias_dir / hashlib.sha256(target.encode()).hexdigest()[:32]
+    if ":" in str(alias):
+        raise RuntimeError_(
+            "cannot bind %s: both it and the udocker directory %s contain "
+            "':'; set datalad.udocker.dir to a path without ':'"
+            % (target, alias_dir.parent.parent))
+    with contextlib.suppress(OSError):
+        if os.readlink(alias) == target:
+            return str(alias)
+    alias_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = alias_dir / (".%s.%d" % (alias.name, os.getpid()))
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, alias)      # atomic: a concurrent run sees old or new
+    return str(alias)
+
+
+def identity_options(execmode, image_config, container_path, state_dir,
+                     env=None):
+    """udocker options giving the command the identity ``docker run`` gives
+    it, as far as ``execmode`` can (docs/runtime.rst, "Identity").
+
+    The image's ``User`` (default root) is looked up in the image's own
+    /etc/passwd as Docker does.  PRoot (P1, P2) runs as that uid: udocker is
+    told to use the image's /etc/passwd as is (it would otherwise bind a
+    copy of it and run a non-root user it finds there as the caller's uid).
+    Fakechroot (F1) runs as the caller, runc (R1) as root: each can fake no
+    other identity.  ``HOME`` is the user's home in every mode unless the
+    image's Env or ``env`` sets it.
+    """
+    user = _docker_user(image_config.get("User") or "root",
+                        _image_passwd(container_path))
+    if user is None:                # a name not in /etc/passwd: udocker's way
+        return []
+    uid, home, found = user
+    opts = []
+    if execmode in ("P1", "P2"):
+        if found:       # udocker then runs the uid it finds there, as it is
+            opts.append(_volume(str(Path(container_path) / "ROOT/etc/passwd"),
+                                "/etc/passwd", state_dir))
+        # else udocker adds the uid to a copy of /etc/passwd, with the
+        # caller's gid ("UID:GID" would become the user's name)
+        opts.append("--user=" + uid)
+    names = [str(e).split("=", 1)[0] for e in image_config.get("Env") or []]
+    if "HOME" not in names and "HOME" not in (env or {}):
+        opts.append("--env=HOME=" + home)
+    return opts
+
+
+def _image_passwd(container_path):
+    """The text of the image's /etc/passwd in the container at
+    ``container_path`` ("" if none).  udocker's R1 setup moves it aside
+    (``.bind_orig_files``) and leaves a symlink; no symlink is followed,
+    in the path either (one could point at the host's files)."""
+    root = Path(os.path.realpath(container_path))
+    for rel in ("ROOT/etc/passwd", ".bind_orig_files/#etc#passwd"):
+        path = root / rel
+        if os.path.realpath(path) == str(path) and path.is_file():
+            try:
+                return path.read_text(errors="replace")
+            except OSError:
+                return ""
+    return ""
+
+
+def _docker_user(spec, passwd):
+    """``(uid, home, found in passwd)`` for a ``User`` of ``spec``
+    (``user[:group]``, a name or a uid) as Docker resolves it, or None for a
+    user name that is not in ``passwd``."""
+    name = spec.partition(":")[0]
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 7 and (fields[0] == name or
+                                 (name.isdigit() and fields[2] == name)):
+            return fields[2], fields[5] or "/", True
+    return (name, "/", False) if name.isdigit() else None
 
 
 def run_image(image_path, command=(), dataset=None, execmode=None,
