@@ -592,11 +592,13 @@ def run_image(image_path, command=(), dataset=None, execmode=None,
     """
     if isinstance(command, str):
         command = shlex.split(command)
-    ds_obj = None
-    if dataset is not None:
-        from datalad.distribution.dataset import Dataset
-        ds_obj = Dataset(str(dataset))
-    runtime = Runtime(udocker_dir, execmode, ds_obj)
-    fetch = fetch_with_datalad(str(dataset) if dataset is not None else None)
-    return runtime.run(image_path, command, dataset=dataset, cwd=cwd, env=env,
-                       capture=capture, fetch=fetch, entrypoint=entrypoint)
+    # settings are read with git in the dataset (a path: no DataLad import
+    # on this path), all at once (:func:`.config.reading_once`)
+    with config.reading_once():
+        runtime = Runtime(udocker_dir, execmode,
+                          str(dataset) if dataset is not None else None)
+        fetch = fetch_with_datalad(str(dataset) if dataset is not None
+                                   else None)
+        return runtime.run(image_path, command, dataset=dataset, cwd=cwd,
+                           env=env, capture=capture, fetch=fetch,
+                           entrypoint=entrypoint)
