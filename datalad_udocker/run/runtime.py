@@ -45,6 +45,7 @@ from typing import Optional
 from .. import config
 from ..errors import RuntimeError_
 from ..dataset.layout import OCILayout
+from .fastpath import FastPath, expected_command
 from .udocker_cli import CommandNotFound, UdockerCLI
 from .safe_delete import remove_tree
 from ..digest import hex_part
@@ -451,11 +452,20 @@ class Runtime:
                 # runc's spec (config.json, the env included) is written
                 # into the container directory: only the user may read it
                 os.chmod(entry.path, 0o700)
+            tools = find_tools(self.execmode, self.udocker_dir)
+            udocker = self._udocker_for(entry)
+            fast = None
+            if self.execmode in SITE_MODES and not env:
+                line = expected_command(command, entrypoint, layout.config())
+                if line:
+                    fast = FastPath(
+                        self.state_dir, udocker.udocker_dir, name, entry.path,
+                        tools, [o for o in opts if o.startswith("--volume=")],
+                        entrypoint, workdir, line)
             try:
-                code, out, err = self._udocker_for(entry).run(
-                    opts, entry.container_id, command,
-                    find_tools(self.execmode, self.udocker_dir), capture, env,
-                    grace=config.stop_timeout())
+                code, out, err = udocker.run(
+                    opts, entry.container_id, command, tools, capture, env,
+                    grace=config.stop_timeout(), fast=fast)
             finally:
                 if self.execmode == "R1":
                     _drop_runc_spec(fd, entry.path)
