@@ -56,6 +56,11 @@ exec {wrapper} "$@"
 """
 
 
+def fast_record_path(state_dir, name):
+    """Where container ``name``'s record is kept."""
+    return Path(state_dir) / "fast" / (name + ".json")
+
+
 def _stat(path):
     try:
         st = os.stat(path)
@@ -88,7 +93,7 @@ class FastPath:
 
     def __init__(self, state_dir, udocker_dir, name, container_path, tools,
                  volumes, entrypoint, workdir, command):
-        self.state = Path(state_dir) / "fast" / (name + ".json")
+        self.state = fast_record_path(state_dir, name)
         self.udocker_dir = str(udocker_dir)
         self.work_dir = str(state_dir)
         self.root = os.path.join(str(container_path), "ROOT")

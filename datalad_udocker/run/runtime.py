@@ -45,7 +45,7 @@ from typing import Optional
 from .. import config
 from ..errors import RuntimeError_
 from ..dataset.layout import OCILayout
-from .fastpath import FastPath, expected_command
+from .fastpath import FastPath, expected_command, fast_record_path
 from .udocker_cli import CommandNotFound, UdockerCLI
 from .safe_delete import remove_tree
 from ..digest import hex_part
@@ -298,8 +298,10 @@ class Runtime:
         Only what is in udocker's ``containers/`` directory is deleted: a
         name link pointing anywhere else is unlinked, never followed.
         """
-        with contextlib.suppress(FileNotFoundError):
-            self._state_path(name).unlink()
+        for state in (self._state_path(name), fast_record_path(
+                self.state_dir, name)):
+            with contextlib.suppress(FileNotFoundError):
+                state.unlink()
         link = self.udocker_dir / "containers" / name
         cid = self._named_container(link)
         self._remove_container_dir(name)      # the name link (or a stray dir)
