@@ -198,8 +198,11 @@ class FastPath:
                 or not workdir.startswith("/"):
             return None
         prefix, env = list(record["prefix"]), record["env"]
+        auth = {i for i, _ in record["auth"].values()}
         binds = [prefix[i + 1].split(":", 1) for i, a in enumerate(prefix)
-                 if a == "-b" and i + 1 < len(prefix)]
+                 if a == "-b" and i + 1 < len(prefix) and i + 1 not in auth]
+        if not all(len(b) == 2 and os.path.exists(b[0]) for b in binds):
+            return None             # udocker checks (or drops) each bind
         if not (self._is_dir(workdir, binds) and
                 self._found(command[0], env.get("PATH", ""), binds)):
             return None
