@@ -19,8 +19,6 @@ CLI and its on-disk layout are the contract.  Every call here
 :meth:`UdockerCLI.run` gives the user command the caller's stdio (or
 capture files) through the tool wrappers and returns its real exit code.
 """
-import ast
-import concurrent.futures
 import contextlib
 import json
 import os
@@ -30,7 +28,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -67,6 +64,7 @@ def _missing_command(messages, command):
     """The command udocker did not find, from its ``[...]`` message."""
     m = re.search(r"command not found[^\[]*(\[.*\])", messages)
     if m:
+        import ast
         with contextlib.suppress(ValueError, SyntaxError):
             return " ".join(ast.literal_eval(m.group(1)))
     return " ".join(command) or "its Entrypoint/Cmd"
@@ -159,6 +157,7 @@ _KEPT_BITS = 0o1777         # setuid/setgid are dropped on purpose
 
 def _layer_members(path):
     """The tar headers of a layer blob (plain, gzip or zstd), streamed."""
+    import tarfile       # here: a warm run needs none of this
     with open(path, "rb", buffering=0) as f:     # the fd's offset is f's
         zstd = f.read(4) == b"\x28\xb5\x2f\xfd"
         f.seek(0)
@@ -297,6 +296,8 @@ class UdockerCLI:
         not list are 0755, as under Docker) and then the modes of the
         layers' headers are restored (:func:`restore_modes`).
         """
+        import concurrent.futures
+        import tarfile
         repo, _, tag = image_spec.rpartition(":")
         tag_dir = self.udocker_dir / "repos" / repo / tag
         stop = threading.Event()
