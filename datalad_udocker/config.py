@@ -32,6 +32,7 @@ reader.
     execution tool: files or URLs, or ``udocker`` for udocker's download
     site (default: ``UDOCKER_TARBALL``, else nowhere; see run/tools.py).
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -68,15 +69,56 @@ def get(name, default=None, dataset=None):
             return value or default
     value = _override(key)
     if value in (None, ""):
-        cwd = getattr(dataset, "path", dataset)
-        proc = subprocess.run(["git", "config", "--get", key], cwd=cwd,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, text=True)
-        if proc.returncode not in (0, 1):     # 1: not set
-            raise UdockerError("cannot read %s: %s" % (
-                key, proc.stderr.strip() or "git config failed"))
-        value = proc.stdout.rstrip("\n")
+        value = _git_settings(getattr(dataset, "path", dataset)).get(key)
     return default if value in (None, "") else value
+
+
+# {directory: settings} while :func:`reading_once` is active, else None
+_snapshot = None
+
+
+@contextlib.contextmanager
+def reading_once():
+    """Within this, each directory's ``datalad.udocker.*`` git settings are
+    read once (one ``git config`` call for all of them), not per setting:
+    for one short operation such as a run.  Nests."""
+    global _snapshot
+    outer = _snapshot
+    if outer is None:
+        _snapshot = {}
+    try:
+        yield
+    finally:
+        _snapshot = outer
+
+
+def _git_settings(cwd):
+    """Every ``datalad.udocker.*`` setting of ``git config`` run in ``cwd``
+    (None: the current directory), the last value of each, with one call."""
+    if _snapshot is not None:
+        where = os.path.abspath(str(cwd) if cwd is not None else ".")
+        if where not in _snapshot:
+            _snapshot[where] = _read_git_settings(cwd)
+        return _snapshot[where]
+    return _read_git_settings(cwd)
+
+
+def _read_git_settings(cwd):
+    proc = subprocess.run(["git", "config", "-z", "--get-regexp",
+                           r"^datalad\.udocker\."], cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode not in (0, 1):     # 1: none set
+        raise UdockerError("cannot read the datalad.udocker settings: %s" % (
+            proc.stderr.decode(errors="replace").strip()
+            or "git config failed"))
+    settings = {}
+    for item in proc.stdout.decode(errors="surrogateescape").split("\0"):
+        if item:
+            # "key\nvalue" ("key" alone: no value, as `git config --get`)
+            key, _, value = item.partition("\n")
+            settings[key] = value
+    return settings
 
 
 def _override(key):

@@ -421,3 +421,51 @@ def test_stdin_reaches_the_command(nonroot, udir, images, mode):
                        str(images["busybox"]), "cat"],
                       env={"DATALAD_UDOCKER_DIR": str(udir)}, input="piped\n", check=False)
     assert (res.returncode, res.stdout, res.stderr) == (0, "piped\n", "")
+
+
+# --- the warm path: udocker's recorded PRoot command line -----------------------------------
+PROBE = ("env | grep -v '^_=' | sort; pwd; id; cat /etc/passwd /etc/group; umask; "
+         "echo err >&2; exit 3")
+
+
+def fast_record(udir: Path):
+    records = list((udir / "datalad-udocker" / "fast").glob("*.json"))
+    assert len(records) <= 1
+    return records[0] if records else None
+
+
+@pytest.mark.parametrize("mode", ["P1", "P2"])
+def test_warm_run_same_as_through_udocker(nonroot, udir, images, workdir, mode):
+    """A warm P1/P2 run skips udocker's Python (its recorded PRoot line is
+    reused: the record is not rewritten) and behaves exactly as a run
+    through udocker: environment, cwd, ids, passwd/group, umask, stderr,
+    status; anything it depends on changing, or a command
+    it cannot vouch for, goes through udocker again."""
+    def run(*cmd, cwd=workdir / "sub", image="busybox"):
+        res = run_cli(nonroot, udir, images[image], *cmd, mode=mode, dataset=workdir,
+                      cwd=cwd)
+        return res.returncode, res.stdout, res.stderr
+
+    first = run("true")                      # creates and records
+    assert first == (0, "", "")
+    record = fast_record(udir)
+    assert record is not None
+    ino = record.stat().st_ino
+    warm = run("sh", "-c", PROBE)
+    assert fast_record(udir).stat().st_ino == ino, "the warm run went through udocker"
+    record.unlink()                          # the same run through udocker
+    assert run("sh", "-c", PROBE) == warm
+    assert warm[0] == 3 and "/sub\n" in warm[1] and warm[2] == "err\n"
+    ino = fast_record(udir).stat().st_ino
+    # another working directory, the dataset root
+    assert run("pwd", cwd=workdir) == (0, f"{workdir}\n", "")
+    assert fast_record(udir).stat().st_ino == ino
+    # a command missing in the container: udocker's one-line error
+    code, _, err = run("/no/such/program")
+    assert code == 127 and "command not found" in err and len(err.splitlines()) == 1
+    # the container's /etc/passwd changed: recorded again, through udocker
+    cid = udocker_container_dirs(udir)[0]
+    passwd = udir / "containers" / cid / "ROOT" / "etc" / "passwd"
+    os.utime(passwd, (1, 1))
+    assert run("true") == (0, "", "")
+    assert fast_record(udir).stat().st_ino != ino

@@ -46,6 +46,7 @@ from typing import Optional
 from .. import config
 from ..errors import RuntimeError_
 from ..dataset.layout import OCILayout
+from .fastpath import FastPath, expected_command, fast_record_path
 from .udocker_cli import CommandNotFound, UdockerCLI
 from .safe_delete import remove_tree
 from ..digest import hex_part
@@ -298,8 +299,10 @@ class Runtime:
         Only what is in udocker's ``containers/`` directory is deleted: a
         name link pointing anywhere else is unlinked, never followed.
         """
-        with contextlib.suppress(FileNotFoundError):
-            self._state_path(name).unlink()
+        for state in (self._state_path(name), fast_record_path(
+                self.state_dir, name)):
+            with contextlib.suppress(FileNotFoundError):
+                state.unlink()
         link = self.udocker_dir / "containers" / name
         cid = self._named_container(link)
         self._remove_container_dir(name)      # the name link (or a stray dir)
@@ -455,11 +458,20 @@ class Runtime:
                 # runc's spec (config.json, the env included) is written
                 # into the container directory: only the user may read it
                 os.chmod(entry.path, 0o700)
+            tools = find_tools(self.execmode, self.udocker_dir)
+            udocker = self._udocker_for(entry)
+            fast = None
+            if self.execmode in SITE_MODES and not env:
+                line = expected_command(command, entrypoint, layout.config())
+                if line:
+                    fast = FastPath(
+                        self.state_dir, udocker.udocker_dir, name, entry.path,
+                        tools, [o for o in opts if o.startswith("--volume=")],
+                        entrypoint, workdir, line)
             try:
-                code, out, err = self._udocker_for(entry).run(
-                    opts, entry.container_id, command,
-                    find_tools(self.execmode, self.udocker_dir), capture, env,
-                    grace=config.stop_timeout())
+                code, out, err = udocker.run(
+                    opts, entry.container_id, command, tools, capture, env,
+                    grace=config.stop_timeout(), fast=fast)
             finally:
                 if self.execmode == "R1":
                     _drop_runc_spec(fd, entry.path)
@@ -703,11 +715,13 @@ def run_image(image_path, command=(), dataset=None, execmode=None,
     """
     if isinstance(command, str):
         command = shlex.split(command)
-    ds_obj = None
-    if dataset is not None:
-        from datalad.distribution.dataset import Dataset
-        ds_obj = Dataset(str(dataset))
-    runtime = Runtime(udocker_dir, execmode, ds_obj)
-    fetch = fetch_with_datalad(str(dataset) if dataset is not None else None)
-    return runtime.run(image_path, command, dataset=dataset, cwd=cwd, env=env,
-                       capture=capture, fetch=fetch, entrypoint=entrypoint)
+    # settings are read with git in the dataset (a path: no DataLad import
+    # on this path), all at once (:func:`.config.reading_once`)
+    with config.reading_once():
+        runtime = Runtime(udocker_dir, execmode,
+                          str(dataset) if dataset is not None else None)
+        fetch = fetch_with_datalad(str(dataset) if dataset is not None
+                                   else None)
+        return runtime.run(image_path, command, dataset=dataset, cwd=cwd,
+                           env=env, capture=capture, fetch=fetch,
+                           entrypoint=entrypoint)

@@ -19,8 +19,6 @@ CLI and its on-disk layout are the contract.  Every call here
 :meth:`UdockerCLI.run` gives the user command the caller's stdio (or
 capture files) through the tool wrappers and returns its real exit code.
 """
-import ast
-import concurrent.futures
 import contextlib
 import json
 import os
@@ -30,7 +28,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -67,6 +64,7 @@ def _missing_command(messages, command):
     """The command udocker did not find, from its ``[...]`` message."""
     m = re.search(r"command not found[^\[]*(\[.*\])", messages)
     if m:
+        import ast
         with contextlib.suppress(ValueError, SyntaxError):
             return " ".join(ast.literal_eval(m.group(1)))
     return " ".join(command) or "its Entrypoint/Cmd"
@@ -159,6 +157,7 @@ _KEPT_BITS = 0o1777         # setuid/setgid are dropped on purpose
 
 def _layer_members(path):
     """The tar headers of a layer blob (plain, gzip or zstd), streamed."""
+    import tarfile       # here: a warm run needs none of this
     with open(path, "rb", buffering=0) as f:     # the fd's offset is f's
         zstd = f.read(4) == b"\x28\xb5\x2f\xfd"
         f.seek(0)
@@ -297,6 +296,8 @@ class UdockerCLI:
         not list are 0755, as under Docker) and then the modes of the
         layers' headers are restored (:func:`restore_modes`).
         """
+        import concurrent.futures
+        import tarfile
         repo, _, tag = image_spec.rpartition(":")
         tag_dir = self.udocker_dir / "repos" / repo / tag
         stop = threading.Event()
@@ -352,7 +353,7 @@ class UdockerCLI:
         return rc == 0
 
     def run(self, run_args, container, command, tools, capture, env=None,
-            grace=STOP_GRACE):
+            grace=STOP_GRACE, fast=None):
         """``udocker run RUN_ARGS CONTAINER COMMAND...``.
 
         ``env`` (a dict) sets variables in the container, their values kept
@@ -367,6 +368,10 @@ class UdockerCLI:
         killed and the status is 137.  udocker runs in a session of its
         own, so a terminal's ^C reaches the command once, through us.
         The command's umask is Docker's, 022 (:data:`RUN_UMASK`).
+
+        With ``fast`` (a :class:`.fastpath.FastPath`, P1/P2, no ``env``)
+        the recorded PRoot command line runs without udocker when it is
+        still valid; else udocker runs and the line it builds is recorded.
         """
         run_root = self.work_dir / "run"
         run_root.mkdir(parents=True, exist_ok=True)
@@ -385,16 +390,36 @@ class UdockerCLI:
                 stack.callback(os.close, fds[1])
             pidfile = tmp / "supervisor.pid"
             tool_env = write_wrappers(tmp / "bin", tools, fds, pidfile, grace)
-            rc, messages = self.call(
-                ["run"] + list(run_args) + [container] + list(command),
-                tool_env, bin_dir=tmp / "bin", pass_fds=fds,
-                stdin=subprocess.DEVNULL if capture else None,
-                hidden=["--env=%s=%s" % kv for kv in sorted(
-                    (env or {}).items())], signals_to=pidfile, grace=grace,
-                umask=RUN_UMASK)
+            stdin = subprocess.DEVNULL if capture else None
+            planned = fast.plan(tmp) if fast is not None and not env \
+                else None
+            if planned is not None:
+                # our proot wrapper, as udocker would call it
+                proot_args, proot_env = planned
+                with tempfile.TemporaryFile(dir=self.work_dir) as msg:
+                    rc = forwarding_signals(
+                        [tool_env["UDOCKER_USE_PROOT_EXECUTABLE"]] +
+                        proot_args,
+                        dict(cwd=self.work_dir, stdin=stdin, stdout=msg,
+                             stderr=subprocess.STDOUT, pass_fds=fds,
+                             env=proot_env, umask=RUN_UMASK), pidfile, grace)
+                    msg.seek(0)
+                    messages = msg.read().decode(errors="replace")
+            else:
+                recording = fast is not None and not env
+                if recording:
+                    tool_env = fast.recorder(tmp, tool_env)
+                rc, messages = self.call(
+                    ["run"] + list(run_args) + [container] + list(command),
+                    tool_env, bin_dir=tmp / "bin", pass_fds=fds, stdin=stdin,
+                    hidden=["--env=%s=%s" % kv for kv in sorted(
+                        (env or {}).items())], signals_to=pidfile,
+                    grace=grace, umask=RUN_UMASK)
             for f in files:      # the children moved the shared offsets
                 f.seek(0)
             status = files[2].read().decode().split()
+            if planned is None and recording and status:
+                fast.save(tmp)
             out = err = None
             if capture:
                 out, err = (f.read() for f in files[:2])
