@@ -41,6 +41,7 @@ from fixtures import images as im
 from fixtures.differing import (HOST_ONLY, PROBE_ENTRIES, differing_busybox_rootfs,
                                 differing_rootfs, shadowed_host_file)
 from fixtures.push import push_layout
+from fixtures.users import udocker_dir_fixture  # noqa: E402
 from test_runtime import PY, build
 
 MODES = ["P1", "P2", "F1", "R1"]
@@ -98,12 +99,7 @@ def layouts(nonroot, specs):
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def udir(nonroot):
-    """One udocker directory: each image's container is created once per mode."""
-    base = nonroot.make_tempdir("udtest-udocker-")
-    yield base / "udocker"
-    shutil.rmtree(base, ignore_errors=True)
+udir = udocker_dir_fixture("module")
 
 
 def probed_files(host_file: str) -> List[str]:

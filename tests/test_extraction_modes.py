@@ -17,6 +17,7 @@ import stat
 import pytest
 
 from fixtures import images as im
+from fixtures.users import udocker_dir_fixture  # noqa: E402
 from test_runtime import PY, build
 
 # path -> (entry, mode expected in the container)
@@ -50,11 +51,7 @@ def image(nonroot):
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def udir(nonroot):
-    base = nonroot.make_tempdir("udtest-udocker-")
-    yield base / "udocker"
-    shutil.rmtree(base, ignore_errors=True)
+udir = udocker_dir_fixture("function")
 
 
 @pytest.mark.parametrize("mode", ["P1", "R1"])

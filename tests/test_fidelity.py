@@ -16,6 +16,7 @@ import pytest
 
 from fixtures import images as im
 from fixtures.differing import MARKER, differing_rootfs, shadowed_host_file
+from fixtures.users import udocker_dir_fixture  # noqa: E402
 from test_runtime import build, run_cli
 
 MODES = ["P1", "P2"]
@@ -35,12 +36,7 @@ def image(nonroot, host_file):
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def udir(nonroot):
-    """One udocker directory for the module: each mode's container is created once."""
-    base = nonroot.make_tempdir("udtest-udocker-")
-    yield base / "udocker"
-    shutil.rmtree(base, ignore_errors=True)
+udir = udocker_dir_fixture("module")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -19,6 +19,7 @@ import pytest
 from fixtures import images as im
 from fixtures.catalogue import ENV_PATH, multi_layers
 from fixtures.util import REPO_ROOT
+from fixtures.users import udocker_dir_fixture  # noqa: E402
 
 PY = str(REPO_ROOT / ".venv" / "bin" / "python")
 
@@ -50,12 +51,7 @@ def _built_images(root: Path) -> dict:
     }
 
 
-@pytest.fixture
-def udir(nonroot):
-    """A fresh udocker directory owned by the non-root user."""
-    base = nonroot.make_tempdir("udtest-udocker-")
-    yield base / "udocker"
-    shutil.rmtree(base, ignore_errors=True)
+udir = udocker_dir_fixture("function")
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import pytest
 
 from test_runtime import PY, build, run_cli
 from fixtures import images as im
+from fixtures.users import udocker_dir_fixture  # noqa: E402
 
 MODES = ["P1", "P2", "F1", "R1"]
 GRACE = 3          # datalad.udocker.stop-timeout for these tests, seconds
@@ -41,12 +42,7 @@ def image(nonroot):
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def udir(nonroot):
-    """One udocker directory: each mode's container is created once."""
-    base = nonroot.make_tempdir("udtest-udocker-")
-    yield base / "udocker"
-    shutil.rmtree(base, ignore_errors=True)
+udir = udocker_dir_fixture("module")
 
 
 @pytest.fixture
