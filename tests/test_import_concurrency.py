@@ -42,6 +42,19 @@ def kill_hard(proc):
     proc.communicate(timeout=30)
 
 
+def kill_import_at(mark, what, ds, ref, env=None):
+    """Start an import and SIGKILL it (with all it started) once ``mark`` exists; ``what``
+    is the failure message if that point is never reached."""
+    proc = start_import(ds, ref, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not mark.exists():
+            assert time.time() < deadline and proc.poll() is None, what
+            time.sleep(0.1)
+    finally:
+        kill_hard(proc)
+
+
 def assert_clean(ds_path):
     """Nothing uncommitted, nothing left in staging, fsck clean, every committed key here."""
     assert git(ds_path, "status", "--porcelain", "--untracked-files=all") == ""
@@ -124,14 +137,7 @@ def test_sigkill_in_commit_step_then_rerun_succeeds(ds, registry, tmp_path):
     mark = tmp_path / "in-registerurl"
     env = dict(os.environ, PATH=shim_path(tmp_path, "git-annex", '[ "$1" = registerurl ]',
                                           f"touch {mark}; exec sleep 300"))
-    proc = start_import(ds, pushed.reference, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not mark.exists():
-            assert time.time() < deadline and proc.poll() is None, "never reached registerurl"
-            time.sleep(0.1)
-    finally:
-        kill_hard(proc)
+    kill_import_at(mark, "never reached registerurl", ds, pushed.reference, env=env)
     # the state of issue 6: staged layer symlinks the next import used to refuse
     assert "blobs/sha256" in git(ds.path, "status", "--porcelain")
     res = imp(ds, pushed.reference)
@@ -146,14 +152,7 @@ def test_sigkill_after_the_commit_keeps_the_import(ds, registry, tmp_path):
     pushed = registry.images["test/single:1"]
     mark = tmp_path / "committed"
     git_hook(ds.path, "post-commit", f"touch {mark}; exec sleep 300")
-    proc = start_import(ds, pushed.reference, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not mark.exists():
-            assert time.time() < deadline and proc.poll() is None, "never committed"
-            time.sleep(0.1)
-    finally:
-        kill_hard(proc)
+    kill_import_at(mark, "never committed", ds, pushed.reference)
     (Path(ds.path) / ".git/hooks/post-commit").unlink()
     head = git(ds.path, "rev-parse", "HEAD")
     assert (Path(ds.path) / ".git/datalad-udocker/journal.json").exists()
@@ -175,14 +174,7 @@ def test_sigkill_during_git_commit_then_rerun_succeeds(ds, registry, tmp_path, u
         git(ds.path, "add", "notes.txt")
     mark = tmp_path / "committing"
     git_hook(ds.path, "pre-commit", f"touch {mark}; exec sleep 300")
-    proc = start_import(ds, pushed.reference, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not mark.exists():
-            assert time.time() < deadline and proc.poll() is None, "never committed"
-            time.sleep(0.1)
-    finally:
-        kill_hard(proc)
+    kill_import_at(mark, "never committed", ds, pushed.reference)
     (Path(ds.path) / ".git/hooks/pre-commit").unlink()
     if user_staged:
         assert (Path(ds.path) / ".git/index.lock").exists()     # what the killed git left
