@@ -31,7 +31,6 @@ contract), from a directory we own since it reads ``u.conf`` from its cwd.
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ from ..dataset.layout import OCILayout
 from .fastpath import FastPath, expected_command, fast_record_path
 from .udocker_cli import CommandNotFound, UdockerCLI
 from .safe_delete import remove_tree
-from ..digest import hex_part
+from ..digest import hex_part, sha256_digest
 from ..dataset.local import datalad_get as fetch_with_datalad, ensure_local
 from .udocker_repo import STATE_DIR, UdockerRepo, repo_digest
 from .tools import EXEC_MODES, check_execmode, find_tools
@@ -618,7 +617,7 @@ def _volume(host, container, state_dir):
 def _bind_alias(alias_dir, target):
     """A symlink in ``alias_dir`` (made if need be) to ``target``, named by
     its hash so that every run of ``target`` uses the same one."""
-    alias = alias_dir / hashlib.sha256(target.encode()).hexdigest()[:32]
+    alias = alias_dir / sha256_digest(target.encode()).hex[:32]
     if ":" in str(alias):
         raise RuntimeError_(
             "cannot bind %s: both it and the udocker directory %s contain "
