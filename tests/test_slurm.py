@@ -179,16 +179,35 @@ def process_tree(pid):
 
 
 def freeze(pid):
-    """SIGSTOP ``pid`` and all its descendants (again until no new one appears); their pids."""
-    frozen = set()
+    """SIGSTOP ``pid`` and all its descendants (again until no new one appears); their
+    ``(pid, start time)`` pairs."""
+    frozen, starts = set(), {}
     while True:
         new = [p for p in process_tree(pid) if p not in frozen]
         if not new:
-            return sorted(frozen)
+            return sorted(starts.items())
         for p in new:
             with contextlib.suppress(ProcessLookupError):     # a child that just exited
                 os.kill(p, signal.SIGSTOP)
             frozen.add(p)
+            stat = proc_stat(p)
+            if stat is not None:
+                starts[p] = stat[1]
+
+
+def proc_stat(pid):
+    """``(state, start time)`` of ``pid`` from /proc/PID/stat, or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], fields[19]
+
+
+def alive(pid, start) -> bool:
+    """Is the process ``pid`` that started at ``start`` still alive (not a zombie)?"""
+    stat = proc_stat(pid)
+    return stat is not None and stat[1] == start and stat[0] not in ("Z", "X")
 
 
 def slurm_task_of(pid) -> str:
@@ -218,7 +237,10 @@ def test_scancel_while_creating(nonroot, slurm, origin):
     others = [t for t in range(1, TASKS + 1) if str(t) != task]
     array.check_tasks(job, states, others)
     assert array.cache_entries() == [f"{array.name}.json"]
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in frozen)
+    # every frozen process of the cancelled task is dead (gone, or a zombie whose orphaned
+    # parent is this sandbox's non-reaping init; a reused pid has another start time)
+    wait_until(lambda: not [p for p in frozen if alive(*p)], 60,
+               what="the cancelled task's processes to die")
 
     # resubmitting the cancelled task (after removing its half-done clone) just works
     shutil.rmtree(array.work / f"task-{task}")
