@@ -25,6 +25,14 @@ reader.
     A site-wide udocker directory of containers created by another account
     (root or a service user), used read-only before the user's own cache
     (P1/P2 only); ignored with a warning when the user could write it.
+``datalad.udocker.blob-cache``
+    ``false`` turns off the user's own blob cache
+    (``$XDG_CACHE_HOME/datalad-udocker/blobs``; default on): registry
+    layers are then downloaded once per clone (see dataset/blobcache.py).
+``datalad.udocker.blob-cache-site``
+    A shared directory of verified registry blobs (``sha256/<hex>``),
+    consulted after the user's own cache, and filled by whoever may write
+    it (env: DATALAD_UDOCKER_BLOB__CACHE__SITE).
 ``datalad.udocker.jobs``
     Parallel layer downloads during import (default 4).
 ``datalad.udocker.tools-tarball``

@@ -125,6 +125,21 @@ def _plain_object_store(repo_path):
     return True
 
 
+def may_link_objects(repo_path):
+    """May this repository's annex objects share their inode with a file
+    outside it (an entry of the user's blob cache)?  Only where git-annex
+    leaves its objects alone once they are in place: a plain object store
+    (see :func:`_plain_object_store`), and not ``annex.thin``, whose
+    unlocked files are hardlinks to the objects that may be written in
+    place."""
+    if not _plain_object_store(repo_path):
+        return False
+    proc = subprocess.run(["git", "config", "--type=bool", "annex.thin"],
+                          cwd=repo_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+    return proc.stdout.strip() != "true"
+
+
 def _remove_write_bits(path):
     mode = os.lstat(path).st_mode & 0o7777
     os.chmod(path, mode & ~0o222)

@@ -8,6 +8,10 @@ redirects without credentials, retries, Range resume, digest check).
 It is initialised with ``autoenable=true``, so ``datalad clone`` enables it
 and ``datalad get`` just works.  It cannot store or remove anything.
 
+A layer already in the user's or the site's blob cache (``blobcache``) is
+taken from there, verified, instead of the registry; one downloaded is put
+there for the next clone.
+
 One process serves a whole ``git annex get``: the trusted settings are read
 once in ``prepare()`` and there is one :class:`RegistryClient` per registry
 for the session, so credentials are looked up and a token is fetched once per
@@ -32,7 +36,8 @@ import time
 from annexremote import Master, RemoteError, SpecialRemote
 
 from .. import config
-from .annex import trust_remote_verification
+from .annex import may_link_objects, trust_remote_verification
+from .blobcache import BlobCache
 from ..digest import digest_from_key
 from ..errors import NotFoundError, RegistryError, UdockerError
 from ..registry.urls import parse_blob_url
@@ -78,6 +83,8 @@ class RegistryBlobRemote(SpecialRemote):
         self._insecure = None
         self._clients = {}         # registry host -> RegistryClient
         self._down = {}            # registry host -> (monotonic time, message)
+        self._cache = BlobCache(())
+        self._may_link = False
 
     def initremote(self):
         # this remote checks every byte against the key's digest: git-annex
@@ -91,8 +98,13 @@ class RegistryBlobRemote(SpecialRemote):
         # dataset must not downgrade a remote registry
         try:
             self._insecure = config.insecure_registries()
+            # layers already on this machine (or site) are not downloaded
+            # again: see blobcache
+            self._cache = BlobCache.configured()
         except UdockerError as exc:
             raise RemoteError(str(exc))
+        self._may_link = bool(self._cache) and may_link_objects(
+            self.annex.getgitdir())
 
     def _down_since(self, registry):
         """Why ``registry`` was unreachable less than UNREACHABLE_FOR s ago."""
@@ -146,15 +158,19 @@ class RegistryBlobRemote(SpecialRemote):
         def progress(n):
             done[0] += n
             self.annex.progress(done[0])
-        errors = []
-        for url in urls:
-            try:
-                self._client(url).download_blob(url, digest, size, filename,
-                                                progress)
-                return
-            except UdockerError as exc:
-                errors.append(self._failed(url, exc))
-        raise RemoteError("; ".join(errors))
+
+        def download(dest, progress):
+            errors = []
+            for url in urls:
+                try:
+                    self._client(url).download_blob(url, digest, size, dest,
+                                                    progress)
+                    return
+                except UdockerError as exc:
+                    errors.append(self._failed(url, exc))
+            raise RemoteError("; ".join(errors))
+        self._cache.fetch(digest, size, filename, download, progress,
+                          self._may_link)
 
     def checkpresent(self, key):
         errors = []

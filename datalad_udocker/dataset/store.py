@@ -83,7 +83,7 @@ def store_image(ds, image, path=None, name=None, jobs=4):
     keys = {l.descriptor.digest: annex_key(l.descriptor.digest, l.descriptor.size)
             for l in image.layers}
     unique = {l.descriptor.digest: l for l in image.layers}
-    staging = remote = None
+    staging = remote = cache = None
     try:
         # 1. under the lock: recover what killed imports left, check, plan
         with DatasetLock(ds):
@@ -100,8 +100,9 @@ def store_image(ds, image, path=None, name=None, jobs=4):
         #    meanwhile the registry remote is set up (its own lock)
         if any(l.url for l in image.layers):
             remote = _Background(_setup_remote, ds.path, RemoteSetupLock(ds))
+        cache = _blob_cache(ds, missing)
         staged = _download_missing(missing, staging.path, jobs,
-                                   image.description)
+                                   image.description, cache)
         remote_uuid = remote.result() if remote else None
         # 3. under the lock again: what changed meanwhile, then commit
         with DatasetLock(ds):
@@ -120,6 +121,8 @@ def store_image(ds, image, path=None, name=None, jobs=4):
             staging.remove()
     outcome.message = "stored %s: %d layer(s) downloaded, %d reused" % (
         image.description, len(outcome.downloaded), len(outcome.reused))
+    if cache is not None and cache.hits:
+        outcome.message += " (%d of them from the blob cache)" % len(cache.hits)
     return outcome
 
 
@@ -197,7 +200,35 @@ def _check_clean(ds, layout_dir):
 
 # --- step 1: download ----------------------------------------------------
 
-def _download_missing(layers, staging, jobs, description):
+class _CachedFetch:
+    """Registry layers fetched through the user's blob cache (see
+    ``blobcache``): hardlinked from it where this repository's objects
+    may share an inode, filled as they are downloaded."""
+
+    def __init__(self, cache, may_link):
+        self.cache, self.may_link = cache, may_link
+        self.hits = []
+
+    def __call__(self, layer, dest, progress):
+        desc = layer.descriptor
+        if not layer.url:          # an archive's layer: already local
+            layer.fetch(dest, progress)
+        elif self.cache.fetch(desc.digest, desc.size, dest, layer.fetch,
+                              progress, self.may_link):
+            self.hits.append(desc.digest)
+
+
+def _blob_cache(ds, layers):
+    """A :class:`_CachedFetch` for ``layers``, or None (no registry layer,
+    or every blob cache turned off)."""
+    from .blobcache import BlobCache
+    if not any(l.url for l in layers):
+        return None
+    cache = BlobCache.configured(ds)
+    return _CachedFetch(cache, annex.may_link_objects(ds.path)) if cache else None
+
+
+def _download_missing(layers, staging, jobs, description, cache=None):
     """Fetch ``layers`` in parallel into ``staging``; return {digest: file}.
 
     Workers are daemon threads: on the first error or on Ctrl-C the main
@@ -232,7 +263,10 @@ def _download_missing(layers, staging, jobs, description):
                 layer = todo.pop(0)
             dest = staging / layer.descriptor.hex
             try:
-                layer.fetch(str(dest), progress)
+                if cache is not None:
+                    cache(layer, str(dest), progress)
+                else:
+                    layer.fetch(str(dest), progress)
             except BaseException as exc:   # reported to the main thread
                 with lock:
                     errors.append(exc)
