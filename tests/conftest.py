@@ -36,6 +36,7 @@ from fixtures.util import REPO_ROOT  # noqa: E402
 
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 _saved_env: dict = {}
+BLOB_CACHE_OFF = "DATALAD_UDOCKER_BLOB__CACHE"
 
 
 def pytest_configure(config):
@@ -49,6 +50,10 @@ def pytest_configure(config):
     os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
     for key in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME"):
         os.environ.pop(key, None)
+    # tests that count or break registry requests must reach the registry: the blob cache
+    # (dataset/blobcache.py) is off here; tests/test_blobcache.py turns it on
+    _saved_env[BLOB_CACHE_OFF] = os.environ.get(BLOB_CACHE_OFF)
+    os.environ[BLOB_CACHE_OFF] = "false"
     path = os.environ.get("PATH", "").split(os.pathsep)
     if str(VENV_BIN) not in path:
         os.environ["PATH"] = os.pathsep.join([str(VENV_BIN)] + path)

@@ -31,6 +31,7 @@ Set up by hand (the import command does this for you)::
         encryption=none autoenable=true
 """
 import logging
+import os
 import time
 
 from annexremote import Master, RemoteError, SpecialRemote
@@ -103,8 +104,9 @@ class RegistryBlobRemote(SpecialRemote):
             self._cache = BlobCache.configured()
         except UdockerError as exc:
             raise RemoteError(str(exc))
-        self._may_link = bool(self._cache) and may_link_objects(
-            self.annex.getgitdir())
+        # git-annex runs us in the work tree with a relative GIT_DIR: git
+        # commands must run here, not in the git dir
+        self._may_link = bool(self._cache) and may_link_objects(os.getcwd())
 
     def _down_since(self, registry):
         """Why ``registry`` was unreachable less than UNREACHABLE_FOR s ago."""

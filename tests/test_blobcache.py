@@ -1,0 +1,265 @@
+"""The blob cache (dataset/blobcache.py): a layer is downloaded once per machine (or site), not
+once per clone, and a cache entry is used only after it verified.
+
+Every registry request goes through a real FaultProxy in front of the test registry, which
+records them: the tests count the GETs of each layer blob.
+
+- ``udocker-import`` into a second dataset takes every layer from the cache (hardlinked, no GET).
+- ``datalad get`` in fresh clones of a dataset whose origin holds no content (git and the
+  git-annex branch only, as on a git hosting site) takes the layers from the cache; an entry
+  really corrupted (same size, one byte flipped), replaced by a symlink (to the right bytes) or
+  by a FIFO is rejected, removed and fetched again from the registry, once.
+- A Slurm job array of 8 fresh clones, all starting with an empty cache, downloads each layer
+  from the registry exactly once across the whole array.
+- A site directory filled by one user is read by another user who cannot write it: no GET, no
+  write there, copies not hardlinks; a poisoned site entry is ignored (not deleted: not theirs)
+  and the layer comes from the registry.
+
+The test session turns the cache off (tests/conftest.py); these tests turn it on.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import datalad.api as dl
+import pytest
+
+from checks import git, imp
+from fixtures.proxy import FaultProxy
+from fixtures.users import UserRunner
+from test_special_remote import publish_git_only
+
+from datalad_udocker.digest import annex_key, file_digest
+
+pytestmark = pytest.mark.timeout(600)
+
+IMAGE = "test/multi:1"
+LAYOUT = ".datalad/environments/multi/image"
+TASKS = 8
+
+
+@pytest.fixture(scope="module")
+def proxy(registry):
+    """A recording proxy in front of the registry, for the whole module."""
+    with FaultProxy(registry.host) as p:
+        yield p
+
+
+@pytest.fixture
+def layers(registry):
+    return registry.images[IMAGE].layers
+
+
+def layer_gets(proxy, layers) -> dict:
+    """``{layer digest: number of GETs the registry got for it}`` since the last clear."""
+    return {layer.digest: len(proxy.seen(path=re.escape(layer.digest) + "$", method="GET"))
+            for layer in layers}
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch) -> Path:
+    """The cache on, in a fresh XDG_CACHE_HOME; its ``sha256`` directory."""
+    monkeypatch.setenv("DATALAD_UDOCKER_BLOB__CACHE", "true")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return tmp_path / "xdg-cache" / "datalad-udocker" / "blobs" / "sha256"
+
+
+def object_path(ds_path, layer) -> Path:
+    """The annex object of ``layer`` in the dataset (its layout file's link target; no git
+    call: the dataset may be another user's)."""
+    link = Path(ds_path) / LAYOUT / "blobs" / "sha256" / layer.digest.split(":")[1]
+    obj = Path(os.path.realpath(link))
+    assert obj.name == annex_key(layer.digest, layer.size) and obj.is_file(), \
+        f"{layer.digest} is not in {ds_path}"
+    return obj
+
+
+def same_inode(a: Path, b: Path) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def test_second_import_takes_the_layers_from_the_cache(tmp_path, proxy, layers, user_cache):
+    ref = f"{proxy.host}/{IMAGE}"
+    proxy.clear()
+    first = imp(dl.create(tmp_path / "a", result_renderer="disabled"), ref)
+    assert first["status"] == "ok", first
+    assert set(layer_gets(proxy, layers).values()) == {1}
+    second_ds = dl.create(tmp_path / "b", result_renderer="disabled")
+    second = imp(second_ds, ref)
+    assert second["status"] == "ok", second
+    assert "from the blob cache" in second["message"], second["message"]
+    assert set(layer_gets(proxy, layers).values()) == {1}, "the second import downloaded"
+    for layer in layers:
+        entry = user_cache / layer.digest.split(":")[1]
+        assert file_digest(entry) == layer.digest
+        assert same_inode(entry, object_path(second_ds.path, layer))   # hardlinked, no copy
+    git(second_ds.path, "annex", "fsck", "-q")
+
+
+def get_in_fresh_clone(bare: Path, where: Path, thin=False) -> Path:
+    """``datalad clone`` + ``datalad get`` of the image, in subprocesses (a bug that blocks on a
+    planted FIFO must fail the test, not hang it).  ``thin``: with ``annex.thin``, whose
+    objects must not share an inode with the cache (entries are copied, not linked)."""
+    env = dict(os.environ)
+    subprocess.run(["datalad", "clone", str(bare), str(where)], check=True, env=env,
+                   capture_output=True, timeout=120)
+    if thin:
+        git(where, "config", "annex.thin", "true")
+    subprocess.run(["datalad", "get", LAYOUT], cwd=where, check=True, env=env,
+                   capture_output=True, timeout=120)
+    return where
+
+
+def test_clones_take_layers_from_the_cache_and_reject_bad_entries(tmp_path, proxy, layers,
+                                                                 user_cache):
+    ds = dl.create(tmp_path / "ds", result_renderer="disabled")
+    assert imp(ds, f"{proxy.host}/{IMAGE}")["status"] == "ok"     # fills the cache
+    bare = publish_git_only(ds, tmp_path / "bare.git")            # no content there
+    proxy.clear()
+    clone = get_in_fresh_clone(bare, tmp_path / "c1")
+    assert set(layer_gets(proxy, layers).values()) == {0}
+    for layer in layers:
+        assert same_inode(user_cache / layer.digest.split(":")[1], object_path(clone, layer))
+
+    victim = layers[0]
+    entry = user_cache / victim.digest.split(":")[1]
+    good = tmp_path / "good-bytes"
+    shutil.copyfile(entry, good)
+
+    def plant(make):
+        """Replace the entry (not its inode: the annex objects linked to it stay intact)."""
+        entry.unlink()
+        make()
+
+    def flipped():
+        data = bytearray(good.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        entry.write_bytes(bytes(data))
+
+    attacks = [("corrupted", flipped, False), ("corrupted, copied", flipped, True),
+               ("symlink", lambda: entry.symlink_to(good), False),
+               ("symlink, copied", lambda: entry.symlink_to(good), True),
+               ("fifo", lambda: os.mkfifo(entry), False)]
+    for n, (name, make, thin) in enumerate(attacks, start=2):
+        plant(make)
+        proxy.clear()
+        clone = get_in_fresh_clone(bare, tmp_path / f"c{n}", thin)
+        gets = layer_gets(proxy, layers)
+        assert gets.pop(victim.digest) == 1, f"{name}: the layer was not fetched again"
+        assert set(gets.values()) == {0}, name
+        # the bad entry is gone, a good one took its place, the clone holds the right bytes
+        assert stat.S_ISREG(os.lstat(entry).st_mode), name
+        assert file_digest(entry) == victim.digest, name
+        assert file_digest(object_path(clone, victim)) == victim.digest, name
+        git(clone, "annex", "fsck", "-q")
+        assert same_inode(entry, object_path(clone, victim)) != thin, name
+    assert file_digest(good) == victim.digest       # the symlink's target was not touched
+
+
+def publish_as(user, work):
+    """``work/origin``'s git history and git-annex branch, no content and no remote, in the
+    bare repository ``work/bare.git``, as ``user`` (as :func:`publish_git_only`)."""
+    user.run(["git", "clone", "-q", "--bare", "origin", "bare.git"], cwd=work)
+    user.run(["git", "-C", "bare.git", "fetch", "-q", "../origin", "git-annex:git-annex"],
+             cwd=work)
+    user.run(["git", "-C", "bare.git", "remote", "remove", "origin"], cwd=work)
+
+
+def test_job_array_downloads_each_layer_once(nonroot, slurm, proxy, layers):
+    """8 Slurm tasks, each a fresh clone of a content-less origin, one empty cache."""
+    work = nonroot.make_tempdir("udtest-blobarray-")
+    off = {"DATALAD_UDOCKER_BLOB__CACHE": "false"}     # the origin's import fills no cache
+    nonroot.run(["datalad", "create", "origin"], cwd=work)
+    nonroot.run(["datalad", "udocker-import", "-d", "origin", f"{proxy.host}/{IMAGE}"],
+                cwd=work, env=off)
+    publish_as(nonroot, work)
+    script = work / "get-job.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --output=slurm-%A_%a.out\nset -eu\n"
+                      'datalad clone "$DATASET" "task-$SLURM_ARRAY_TASK_ID"\n'
+                      'cd "task-$SLURM_ARRAY_TASK_ID"\n'
+                      f"datalad get {LAYOUT}\n")
+    cache = work / "cache"
+    env = {"DATASET": str(work / "bare.git"), "XDG_CACHE_HOME": str(cache), **slurm.env}
+    proxy.clear()
+    res = nonroot.run(["sbatch", "--parsable", f"--array=1-{TASKS}", str(script)],
+                      cwd=work, env=env)
+    job = res.stdout.strip().split(";")[0]
+    states = slurm.wait_done(job)
+    for task in range(1, TASKS + 1):
+        log = work / f"slurm-{job}_{task}.out"
+        assert states.get(f"{job}_{task}") == "COMPLETED", \
+            log.read_text(errors="replace") if log.exists() else states
+    gets = layer_gets(proxy, layers)
+    print(f"\n[blobcache] {TASKS} clones, registry GETs per layer: {sorted(gets.values())}")
+    assert set(gets.values()) == {1}, f"registry GETs per layer across the array: {gets}"
+    # every clone holds every layer, as a hardlink of the one cache entry
+    for layer in layers:
+        entry = cache / "datalad-udocker" / "blobs" / "sha256" / layer.digest.split(":")[1]
+        assert file_digest(entry) == layer.digest
+        for task in range(1, TASKS + 1):
+            assert same_inode(entry, object_path(work / f"task-{task}", layer)), task
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def test_site_dir_filled_by_one_user_read_by_another(nonroot, proxy, layers):
+    other = UserRunner(user="udtest2")
+    with (other.home / ".gitconfig").open("a") as f:
+        f.write("[safe]\n\tdirectory = *\n")       # clone udtest's repository
+    work = nonroot.make_tempdir("udtest-blobsite-")
+    site = nonroot.make_tempdir("udtest-site-")     # udtest's, 0755: others read only
+    nonroot.run(["datalad", "create", "origin"], cwd=work)
+    nonroot.run(["datalad", "udocker-import", "-d", "origin", f"{proxy.host}/{IMAGE}"],
+                cwd=work, env={"DATALAD_UDOCKER_BLOB__CACHE": "false"})
+    publish_as(nonroot, work)
+    bare = work / "bare.git"
+
+    def get(runner, name):
+        where = runner.make_tempdir(f"{runner.user}-{name}-")
+        env = {"DATALAD_UDOCKER_BLOB__CACHE__SITE": str(site),
+               "XDG_CACHE_HOME": str(where / "cache")}
+        runner.run(["datalad", "clone", str(bare), "clone"], cwd=where, env=env)
+        runner.run(["datalad", "get", LAYOUT], cwd=where / "clone", env=env)
+        return where
+
+    def snapshot():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_mode)
+                for p in sorted((site / "sha256").iterdir())}
+
+    proxy.clear()
+    get(nonroot, "fill")                          # udtest fills the site directory
+    assert set(layer_gets(proxy, layers).values()) == {1}
+    before = snapshot()
+    assert sorted(before) == sorted(layer.digest.split(":")[1] for layer in layers)
+    assert all(mode & 0o777 == 0o444 for _, _, mode in before.values())
+
+    proxy.clear()
+    reader = get(other, "read")                   # udtest2 reads it, without write access
+    assert set(layer_gets(proxy, layers).values()) == {0}
+    assert snapshot() == before
+    for layer in layers:
+        obj = object_path(reader / "clone", layer)
+        assert not same_inode(obj, site / "sha256" / layer.digest.split(":")[1])
+        assert obj.stat().st_uid == other.uid and file_digest(obj) == layer.digest
+
+    # udtest poisons one entry; udtest2 ignores it (not theirs to delete) and downloads
+    victim = layers[0]
+    name = victim.digest.split(":")[1]
+    nonroot.run(f"cd {site}/sha256 && head -c {victim.size} /dev/zero > tmp-x && "
+                f"chmod 444 tmp-x && mv -f tmp-x {name}")
+    proxy.clear()
+    reader = get(other, "poisoned")
+    gets = layer_gets(proxy, layers)
+    assert gets.pop(victim.digest) == 1 and set(gets.values()) == {0}, gets
+    assert file_digest(object_path(reader / "clone", victim)) == victim.digest
+    assert (site / "sha256" / name).read_bytes() == bytes(victim.size)   # left in place
+    # ...and keeps the good copy in its own cache
+    own = reader / "cache" / "datalad-udocker" / "blobs" / "sha256" / name
+    assert file_digest(own) == victim.digest
+    for path in (work, site):
+        shutil.rmtree(path, ignore_errors=True)
