@@ -42,6 +42,8 @@ class Suite:
         self.work, self.repeat = work, repeat
         self.env = git_identity_env()
         self.env["DATALAD_UDOCKER_EXECMODE"] = "P1"
+        # rows measure downloads from the registry: no blob cache, except where a row says so
+        self.env["DATALAD_UDOCKER_BLOB__CACHE"] = "false"
         self.rows = []
         self.n = 0
 
@@ -124,6 +126,26 @@ class Suite:
         self.add(Row(f"clone+get {key}", f"fresh `datalad clone` + `datalad get` of {what}'s "
                      "layout from the registry", ours, "`skopeo copy docker:// oci:`", yard,
                      target=1.0))
+
+    def clone_get_cached_row(self, ds, key, what):
+        """clone + get with the layers in the blob cache (filled by one clone + get first) vs
+        the same with the cache off (from the registry), measured alternately."""
+        bare = self.bare(ds)
+        cached = dict(self.env, DATALAD_UDOCKER_BLOB__CACHE="true",
+                      XDG_CACHE_HOME=str(self.fresh("xdg-cache")))
+        cmd = ["sh", "-c", 'datalad clone "$1" "$2" && datalad get -d "$2" "$2/$3"', "sh",
+               bare]
+        ours, yard = [], []
+        for i in range(self.repeat + 1):
+            for env, times in ((cached, ours), (self.env, yard)):
+                clone = self.fresh("clone")
+                took = self.time(cmd + [clone, f"{ENV_DIR}/{key}/image"], env=env)[0]
+                if i:                      # the first cached one fills the cache
+                    times.append(took)
+                shutil.rmtree(clone)
+        self.add(Row(f"clone+get {key} cached", f"fresh `datalad clone` + `datalad get` of "
+                     f"{what}'s layout with its layers in the blob cache (hardlinked)", ours,
+                     "the same from the registry (cache off)", yard, target=1.0))
 
     def export_rows(self, ds, key, what):
         layout = ds / ENV_DIR / key / "image"
@@ -270,6 +292,7 @@ def main():
             f"debian {deb_size / 2**20:.1f} MiB (compressed); measuring, {repeat} repeat(s)")
         big_ds, import_rss, skopeo_rss = suite.import_rows(big, big_what, "big")
         suite.clone_get_row(big_ds, big, "big", big_what)
+        suite.clone_get_cached_row(big_ds, "big", big_what)
         export_rss, skopeo_export_rss = suite.export_rows(big_ds, "big", big_what)
         shutil.rmtree(big_ds)
         deb_ds = suite.imported(deb, "deb")
