@@ -15,7 +15,8 @@ records them: the tests count the GETs of each layer blob.
   write there, copies not hardlinks; a poisoned site entry is ignored (not deleted: not theirs)
   and the layer comes from the registry.
 
-The test session turns the cache off (tests/conftest.py); these tests turn it on.
+The test session turns the cache off (tests/conftest.py, and for the non-root user
+tests/fixtures/users.py); these tests turn it on.
 """
 from __future__ import annotations
 
@@ -174,10 +175,9 @@ def publish_as(user, work):
 def test_job_array_downloads_each_layer_once(nonroot, slurm, proxy, layers):
     """8 Slurm tasks, each a fresh clone of a content-less origin, one empty cache."""
     work = nonroot.make_tempdir("udtest-blobarray-")
-    off = {"DATALAD_UDOCKER_BLOB__CACHE": "false"}     # the origin's import fills no cache
     nonroot.run(["datalad", "create", "origin"], cwd=work)
     nonroot.run(["datalad", "udocker-import", "-d", "origin", f"{proxy.host}/{IMAGE}"],
-                cwd=work, env=off)
+                cwd=work)                    # the cache is off: the array starts empty
     publish_as(nonroot, work)
     script = work / "get-job.sh"
     script.write_text("#!/bin/bash\n#SBATCH --output=slurm-%A_%a.out\nset -eu\n"
@@ -185,7 +185,8 @@ def test_job_array_downloads_each_layer_once(nonroot, slurm, proxy, layers):
                       'cd "task-$SLURM_ARRAY_TASK_ID"\n'
                       f"datalad get {LAYOUT}\n")
     cache = work / "cache"
-    env = {"DATASET": str(work / "bare.git"), "XDG_CACHE_HOME": str(cache), **slurm.env}
+    env = {"DATASET": str(work / "bare.git"), "XDG_CACHE_HOME": str(cache),
+           "DATALAD_UDOCKER_BLOB__CACHE": "true", **slurm.env}
     proxy.clear()
     res = nonroot.run(["sbatch", "--parsable", f"--array=1-{TASKS}", str(script)],
                       cwd=work, env=env)
@@ -215,14 +216,14 @@ def test_site_dir_filled_by_one_user_read_by_another(nonroot, proxy, layers):
     site = nonroot.make_tempdir("udtest-site-")     # udtest's, 0755: others read only
     nonroot.run(["datalad", "create", "origin"], cwd=work)
     nonroot.run(["datalad", "udocker-import", "-d", "origin", f"{proxy.host}/{IMAGE}"],
-                cwd=work, env={"DATALAD_UDOCKER_BLOB__CACHE": "false"})
+                cwd=work)                    # the cache is off: nothing filled yet
     publish_as(nonroot, work)
     bare = work / "bare.git"
 
     def get(runner, name):
         where = runner.make_tempdir(f"{runner.user}-{name}-")
         env = {"DATALAD_UDOCKER_BLOB__CACHE__SITE": str(site),
-               "XDG_CACHE_HOME": str(where / "cache")}
+               "DATALAD_UDOCKER_BLOB__CACHE": "true", "XDG_CACHE_HOME": str(where / "cache")}
         runner.run(["datalad", "clone", str(bare), "clone"], cwd=where, env=env)
         runner.run(["datalad", "get", LAYOUT], cwd=where / "clone", env=env)
         return where
@@ -237,6 +238,8 @@ def test_site_dir_filled_by_one_user_read_by_another(nonroot, proxy, layers):
     before = snapshot()
     assert sorted(before) == sorted(layer.digest.split(":")[1] for layer in layers)
     assert all(mode & 0o777 == 0o444 for _, _, mode in before.values())
+    # copies, not hardlinks of the filler's annex objects
+    assert all(p.stat().st_nlink == 1 for p in (site / "sha256").iterdir())
 
     proxy.clear()
     reader = get(other, "read")                   # udtest2 reads it, without write access
