@@ -25,6 +25,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import datalad.api as dl
@@ -266,3 +267,40 @@ def test_site_dir_filled_by_one_user_read_by_another(nonroot, proxy, layers):
     assert file_digest(own) == victim.digest
     for path in (work, site):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def test_fill_is_atomic_and_a_killed_fillers_leftovers_go(tmp_path, user_cache):
+    """A filler killed mid-copy leaves only a file in ``tmp/``: never a partial entry, and the
+    next filler of that blob removes it (it holds the lock: the dead one no longer does)."""
+    from datalad_udocker.dataset.blobcache import BlobCache
+    from datalad_udocker.digest import sha256_digest
+
+    data = os.urandom(3 << 20)
+    digest = sha256_digest(data)
+    root = user_cache.parent
+    cache = BlobCache.configured()
+    stale = root / "tmp" / f"{digest.hex}.0123456789abcdef.tmp"
+    code = (f"import os, sys\nsys.path[:0] = {sys.path!r}\n"
+            "from datalad_udocker.dataset import blobcache\n"
+            "def stop(*a, **k):\n    os.kill(os.getpid(), 9)\n"
+            "blobcache.os.replace = stop       # killed just before the rename\n"
+            f"c = blobcache.CacheDir({str(root)!r})\nc.writable()\n"
+            f"c.put({str(tmp_path / 'src')!r}, {digest!r}, {len(data)}, False)\n")
+    (tmp_path / "src").write_bytes(data)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    leftovers = list((root / "tmp").iterdir())
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size == len(data)
+    assert not (user_cache / digest.hex).exists()         # no partial entry, no entry
+    leftovers[0].rename(stale)
+
+    fetched = []
+
+    def download(dest, progress):
+        fetched.append(dest)
+        Path(dest).write_bytes(data)
+    assert not cache.fetch(digest, len(data), str(tmp_path / "a"), download)
+    assert fetched and not stale.exists() and list((root / "tmp").iterdir()) == []
+    assert file_digest(user_cache / digest.hex) == digest
+    assert cache.fetch(digest, len(data), str(tmp_path / "b"), download)    # from the cache
+    assert len(fetched) == 1

@@ -115,9 +115,27 @@ class CacheDir:
                 lgr.info("waiting for another download of %s into %r",
                          digest, self)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            self._remove_stale(digest)
             yield
         finally:
             os.close(fd)
+
+    def _remove_stale(self, digest):
+        """Remove our temporary files for ``digest`` (lock held): left by a
+        filler that was killed, since a live one holds the lock."""
+        tmp = self._sub("tmp")
+        prefix = Digest(digest).hex + "."
+        try:
+            names = [n for n in os.listdir(tmp) if n.startswith(prefix)]
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(tmp, name)
+            try:
+                if os.lstat(path).st_uid == os.geteuid():
+                    _unlink(path)
+            except OSError:
+                pass
 
     def put(self, src, digest, size, may_link):
         """File the verified blob ``src`` as this cache's entry for
