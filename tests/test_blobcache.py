@@ -14,6 +14,8 @@ records them: the tests count the GETs of each layer blob.
 - A site directory filled by one user is read by another user who cannot write it: no GET, no
   write there, copies not hardlinks; a poisoned site entry is ignored (not deleted: not theirs)
   and the layer comes from the registry.
+- A filler SIGKILLed before its rename leaves no entry, only a temporary file, which the next
+  filler of that blob removes; a dataset's committed config names no cache directory.
 
 The test session turns the cache off (tests/conftest.py, and for the non-root user
 tests/fixtures/users.py); these tests turn it on.
@@ -304,3 +306,20 @@ def test_fill_is_atomic_and_a_killed_fillers_leftovers_go(tmp_path, user_cache):
     assert file_digest(user_cache / digest.hex) == digest
     assert cache.fetch(digest, len(data), str(tmp_path / "b"), download)    # from the cache
     assert len(fetched) == 1
+
+
+def test_site_dir_is_never_taken_from_a_dataset(ds, tmp_path, user_cache):
+    """A dataset that commits ``datalad.udocker.blob-cache-site`` (a directory its author
+    controls) in ``.datalad/config`` names no cache: the setting is the user's own."""
+    from datalad_udocker.dataset.blobcache import BlobCache
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    ds.config.set("datalad.udocker.blob-cache-site", str(planted), scope="branch")
+    ds.config.set("datalad.udocker.blob-cache", "false", scope="branch")
+    ds.save(result_renderer="disabled")
+    assert [(d.root, d.shared) for d in BlobCache.configured(ds).dirs] == \
+        [(str(user_cache.parent), False)]
+    git(ds.path, "config", "datalad.udocker.blob-cache-site", str(planted))   # the user's own
+    assert [d.root for d in BlobCache.configured(ds).dirs] == \
+        [str(user_cache.parent), str(planted)]
