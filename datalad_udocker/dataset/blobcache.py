@@ -75,24 +75,25 @@ class CacheDir:
         return os.path.join(self.root, name)
 
     def writable(self):
-        """Can we fill this cache?  Creates the user cache (mode 0700) and
-        a writable site directory's subdirectories (the site's own root
-        must exist: the admin makes it)."""
+        """Can we fill this cache (write in its ``sha256``, ``tmp`` and
+        ``locks``)?  Creates the user cache (mode 0700), and the
+        subdirectories of a site directory whose root we may write (the
+        root itself must exist: the admin makes it)."""
         if not self.shared:
             try:
                 os.makedirs(self.root, mode=0o700, exist_ok=True)
             except OSError:
                 return False
-        if not os.path.isdir(self.root) or not os.access(self.root, os.W_OK | os.X_OK):
-            return False
-        try:
-            for name in ("sha256", "tmp", "locks"):
-                os.makedirs(self._sub(name), mode=0o777 if self.shared else 0o700,
-                            exist_ok=True)
-        except OSError:
-            return False
-        return all(os.access(self._sub(n), os.W_OK | os.X_OK)
-                   for n in ("sha256", "tmp", "locks"))
+        subs = [self._sub(name) for name in ("sha256", "tmp", "locks")]
+        for sub in subs:
+            if not os.path.isdir(sub):
+                try:
+                    os.mkdir(sub, 0o777 if self.shared else 0o700)
+                except FileExistsError:
+                    pass
+                except OSError:
+                    return False
+        return all(os.access(sub, os.W_OK | os.X_OK) for sub in subs)
 
     @contextlib.contextmanager
     def lock(self, digest):
