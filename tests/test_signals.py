@@ -28,6 +28,8 @@ from test_runtime import PY, build, run_cli
 from fixtures import images as im
 from fixtures.users import udocker_dir_fixture  # noqa: E402
 
+from datalad_udocker.run.supervise import FORWARDED
+
 MODES = ["P1", "P2", "F1", "R1"]
 GRACE = 3          # datalad.udocker.stop-timeout for these tests, seconds
 BOUND = 30         # seconds an interrupted run may take beyond the grace
@@ -109,9 +111,11 @@ class Run:
                 "MARK=%s; %s" % (self.mark, script)]
         env = nonroot.env({"DATALAD_UDOCKER_DIR": str(udir),
                            "DATALAD_UDOCKER_STOP__TIMEOUT": str(grace)})
+        # signals the test process ignores (HUP under nohup) would stay ignored in the run,
+        # rightly: the run starts with the default dispositions a terminal would give it
         self.proc = subprocess.Popen(
             nonroot.command(argv), cwd=str(dataset), env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_signals)
 
     def kill(self):
         """SIGKILL every process of the run (they may hold our pipes open);
@@ -144,6 +148,11 @@ class Run:
                                                  err.decode()))
         return (self.proc.returncode, out.decode(), err.decode(),
                 time.monotonic() - self.sent)
+
+
+def _default_signals():
+    for signum in FORWARDED:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 _prepared = set()
