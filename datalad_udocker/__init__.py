@@ -31,5 +31,5 @@ from .callformat import (make_runner_findable,  # noqa: E402
 make_runner_findable()
 title_runs_with_user_command()
 if "containers-run" in _sys.argv[1:]:
-    from .dataset.local import enable_for_containers_run
+    from .hooks import enable_for_containers_run
     enable_for_containers_run(_sys.argv[1:])
