@@ -17,7 +17,6 @@ import shutil
 import sys
 import sysconfig
 
-from .config import CMDEXEC
 from .errors import UdockerError
 
 RUNNER = "datalad-udocker-run"
@@ -86,6 +85,7 @@ def _expanded_pattern(callformat):
 
 @functools.lru_cache(maxsize=None)
 def _expanded_patterns():
+    from .config import CMDEXEC
     return [_expanded_pattern(f) for f in (CMDEXEC, CMDEXEC_0_1)]
 _CONTAINERS_RUN = "datalad_container.containers_run"
 
