@@ -65,8 +65,8 @@ def make_runner_findable():
 # "datalad-udocker-run -d '.' '.datalad/env...".  Our call formats end with
 # the user's command, after the image path (single-quoted, so unambiguous;
 # 0.1's unquoted paths held no spaces).
-CMDEXEC_0_1 = ("{python} -m datalad_udocker.runtime_cli --dataset {img_dspath} "
-               "{img} {cmd}")
+CMDEXEC_0_1 = ("{python} -m datalad_udocker.runtime_cli --dataset "
+               "{img_dspath} {img} {cmd}")
 
 
 def _expanded_pattern(callformat):
