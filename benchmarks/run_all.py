@@ -1,6 +1,6 @@
 """The benchmark suite of issue 8: every row of its table, each against its yardstick, one run.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--repeat N] [--out DIR]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--repeat N] [--out DIR] [--only GROUP]
 
 Starts its own registry on 127.0.0.1 (the tests' fixture), builds and pushes three images
 (a 1 GiB image of 10 incompressible layers, an image of many small files, and a Debian 12
@@ -30,6 +30,9 @@ from common import (REPO, UDOCKER_ROOT_OPTS, Registry, debian_image, git_identit
 from report import Row, markdown, plot, rst_list_table
 
 PYTHON = str(REPO / ".venv" / "bin" / "python")
+# row groups --only selects (each needs only some of the images)
+GROUPS = ("import", "clone-get", "export", "warm-run", "first-run", "import-small", "create",
+          "rss")
 ENV_DIR = ".datalad/environments"
 
 
@@ -272,7 +275,11 @@ def main():
     ap.add_argument("--repeat", type=int, default=None, help="repeats per measurement (3)")
     ap.add_argument("--out", default=None, help="directory for results.md, the .rst.inc and "
                     "the PNG (default: the repository's; with --quick a temp dir)")
+    ap.add_argument("--only", action="append", choices=GROUPS, default=None,
+                    help="measure only these rows (repeatable; only the images they need "
+                    "are built); files go to a temp dir unless --out is given")
     args = ap.parse_args()
+    only = set(args.only or GROUPS)
     repeat = args.repeat or (1 if args.quick else 3)
     big_mib = [2] * 10 if args.quick else [102] * 6 + [103] * 4
     small_files = 500 if args.quick else 20000
@@ -282,42 +289,63 @@ def main():
     suite = Suite(work, repeat)
     try:
         log(f"registry on {reg.host}; work dir {work}; building images")
-        big, big_size = push_image(reg, random_image, "bench/big", layer_mib=big_mib)
-        small, small_size = push_image(reg, small_files_image, "bench/small", files=small_files)
-        deb, deb_size = push_image(reg, debian_image, "bench/deb", quick=args.quick)
-        big_what = f"the {big_size / 2**20:.0f} MiB 10-layer image"
-        small_what = f"the {small_files} small files image ({small_size / 2**20:.0f} MiB)"
-        deb_what = f"the Debian image ({deb_size / 2**20:.0f} MiB)"
-        log(f"images: big {big_size / 2**20:.0f} MiB, small {small_size / 2**20:.1f} MiB, "
-            f"debian {deb_size / 2**20:.1f} MiB (compressed); measuring, {repeat} repeat(s)")
-        big_ds, import_rss, skopeo_rss = suite.import_rows(big, big_what, "big")
-        suite.clone_get_row(big_ds, big, "big", big_what)
-        suite.clone_get_cached_row(big_ds, "big", big_what)
-        export_rss, skopeo_export_rss = suite.export_rows(big_ds, "big", big_what)
-        shutil.rmtree(big_ds)
-        deb_ds = suite.imported(deb, "deb")
-        suite.warm_run_rows(deb_ds, "deb")
-        suite.first_run_row(deb_ds, deb, "deb", deb_what)
-        small_ds, _, _ = suite.import_rows(small, small_what, "small")
-        suite.create_row(small_ds, small, "small", small_what)
-        suite.add(Row("peak RSS import", f"peak RSS of `udocker-import`, {big_what}",
-                      import_rss, "skopeo copy", skopeo_rss, kind="rss", target=150))
-        suite.add(Row("peak RSS export", f"peak RSS of `udocker-export`, {big_what}",
-                      export_rss, "skopeo copy to docker-archive", skopeo_export_rss,
-                      kind="rss", target=150))
+        big_what = small_what = deb_what = ""
+        if only & {"import", "clone-get", "export", "rss"}:
+            big, big_size = push_image(reg, random_image, "bench/big", layer_mib=big_mib)
+            big_what = f"the {big_size / 2**20:.0f} MiB 10-layer image"
+        if only & {"import-small", "create"}:
+            small, small_size = push_image(reg, small_files_image, "bench/small",
+                                           files=small_files)
+            small_what = f"the {small_files} small files image ({small_size / 2**20:.0f} MiB)"
+        if only & {"warm-run", "first-run"}:
+            deb, deb_size = push_image(reg, debian_image, "bench/deb", quick=args.quick)
+            deb_what = f"the Debian image ({deb_size / 2**20:.0f} MiB)"
+        log(f"images built: {big_what or '-'}, {small_what or '-'}, {deb_what or '-'}; "
+            f"measuring {', '.join(g for g in GROUPS if g in only)}, {repeat} repeat(s)")
+        if only & {"import", "clone-get", "export", "rss"}:
+            big_ds, import_rss, skopeo_rss = suite.import_rows(big, big_what, "big")
+            if "import" not in only:
+                suite.rows = [r for r in suite.rows if r.key != "import big"]
+            if "clone-get" in only:
+                suite.clone_get_row(big_ds, big, "big", big_what)
+                suite.clone_get_cached_row(big_ds, "big", big_what)
+            if only & {"export", "rss"}:
+                export_rss, skopeo_export_rss = suite.export_rows(big_ds, "big", big_what)
+                if "export" not in only:
+                    suite.rows = [r for r in suite.rows if r.key != "export big"]
+            shutil.rmtree(big_ds)
+        if only & {"warm-run", "first-run"}:
+            deb_ds = suite.imported(deb, "deb")
+            if "warm-run" in only:
+                suite.warm_run_rows(deb_ds, "deb")
+            if "first-run" in only:
+                suite.first_run_row(deb_ds, deb, "deb", deb_what)
+        if only & {"import-small", "create"}:
+            small_ds, _, _ = suite.import_rows(small, small_what, "small")
+            if "import-small" not in only:
+                suite.rows = [r for r in suite.rows if r.key != "import small"]
+            if "create" in only:
+                suite.create_row(small_ds, small, "small", small_what)
+        if "rss" in only:
+            suite.add(Row("peak RSS import", f"peak RSS of `udocker-import`, {big_what}",
+                          import_rss, "skopeo copy", skopeo_rss, kind="rss", target=150))
+            suite.add(Row("peak RSS export", f"peak RSS of `udocker-export`, {big_what}",
+                          export_rss, "skopeo copy to docker-archive", skopeo_export_rss,
+                          kind="rss", target=150))
     finally:
         reg.stop()
         shutil.rmtree(work, ignore_errors=True)
     minutes = (time.time() - started) / 60
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    preamble = (f"{'Quick smoke run' if args.quick else 'Run'} of {when}, {repeat} repeat(s), "
-                f"{minutes:.1f} min in all; {machine()}.")
+    rows = f" ({', '.join(g for g in GROUPS if g in only)} only)" if args.only else ""
+    preamble = (f"{'Quick smoke run' if args.quick else 'Run'}{rows} of {when}, "
+                f"{repeat} repeat(s), {minutes:.1f} min in all; {machine()}.")
     write(suite.rows, preamble, args)
 
 
 def write(rows, preamble, args):
     out = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else None)
+        Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick or args.only else None)
     md_path = (out or REPO / "benchmarks") / "results.md"
     static = out or REPO / "docs" / "_static"
     static.mkdir(parents=True, exist_ok=True)

@@ -23,15 +23,13 @@ command_suite = (
     ],
 )
 
-# DataLad imports this module to load the extension: let the shell that
-# containers-run starts find our runner in an unactivated venv
-from .callformat import make_runner_findable  # noqa: E402
-make_runner_findable()
-
-# `datalad containers-run` gets the image's layers with DataLad's own `get`
-# before our runner starts: enable the registry remote that a clone made
-# without our scripts on PATH could not enable (dataset.local)
+# DataLad imports this package to load the extension, for every command:
+# what that does stays cheap (see hooks.py)
 import sys as _sys  # noqa: E402
+from .callformat import (make_runner_findable,  # noqa: E402
+                         title_runs_with_user_command)
+make_runner_findable()
+title_runs_with_user_command()
 if "containers-run" in _sys.argv[1:]:
-    from .dataset.local import enable_for_containers_run
+    from .hooks import enable_for_containers_run
     enable_for_containers_run(_sys.argv[1:])

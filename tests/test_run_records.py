@@ -7,7 +7,10 @@
   second user with another install (a venv at another path, the author's install hidden)
   clones the dataset and ``datalad rerun``\\ s the record with identical output;
 - ``containers-run`` called by absolute path from an unactivated venv finds the runner;
-- datasets made by 0.1 (``{python} -m datalad_udocker.runtime_cli``) still run.
+- datasets made by 0.1 (``{python} -m datalad_udocker.runtime_cli``) still run;
+- a run commit is titled with the user's command (its first 40 characters, as ``datalad run
+  CMD`` titles it), not the call format, from the CLI and from ``datalad.api`` (also a rerun
+  by the second user), while the record keeps the whole command; ``-m`` still wins.
 """
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ pytestmark = pytest.mark.timeout(600)
 
 VENV = REPO_ROOT / ".venv"
 CMDEXEC_0_1 = "{python} -m datalad_udocker.runtime_cli --dataset {img_dspath} {img} {cmd}"
+
+
+def title(cmd):
+    """The title ``datalad run CMD`` gives a run commit of ``cmd``."""
+    return "[DATALAD RUNCMD] " + cmd[:40] + ("..." if len(cmd) > 40 else "")
 
 
 def last_record(run, ds):
@@ -132,9 +140,11 @@ def test_rerun_by_another_user_with_another_install(nonroot, registry, base):
     author(["datalad", "create", "-c", "text2git", str(origin)], base)
     author(["datalad", "udocker-import", "-n", "single", f"{registry.host}/test/single:1"],
            origin)
-    author(["datalad", "containers-run", "-n", "single", "-o", "out.txt",
-            "sh -c 'echo hello-$(uname -s) > out.txt; echo to-stdout'"], origin)
-    record, title = last_record(lambda c, cwd: author(c, cwd), origin)
+    command = "sh -c 'echo hello-$(uname -s) > out.txt; echo to-stdout'"
+    author(["datalad", "containers-run", "-n", "single", "-o", "out.txt", command], origin)
+    record, first_line = last_record(lambda c, cwd: author(c, cwd), origin)
+    assert first_line == title(command)
+    assert record["cmd"].endswith("' " + command)
     assert str(VENV) not in record["cmd"] and "python" not in record["cmd"]
     assert record["cmd"].startswith("datalad-udocker-run ")
     expected = (origin / "out.txt").read_text()
@@ -157,6 +167,18 @@ def test_rerun_by_another_user_with_another_install(nonroot, registry, base):
     assert "to-stdout" in res.stdout
     assert (clone / "out.txt").read_text() == expected
     assert nonroot.run(["git", "status", "--porcelain"], cwd=clone, env=env).stdout == ""
+    # a rerun that commits (the output was removed) keeps the user's command as the title
+    nonroot.run(["git", "rm", "-q", "out.txt"], cwd=clone, env=env)
+    nonroot.run(["git", "commit", "-q", "-m", "drop out.txt"], cwd=clone, env=env)
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", hide, "sh",
+                          *nonroot.command(["datalad", "rerun", "HEAD~1"])], cwd=clone,
+                         env=nonroot.env(env), capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (clone / "out.txt").read_text() == expected
+    rerun_record, first_line = last_record(lambda c, cwd: nonroot.run(c, cwd=cwd, env=env),
+                                           clone)
+    assert first_line == title(command)
+    assert rerun_record["cmd"] == record["cmd"]
 
 
 def test_datasets_of_0_1_still_run(nonroot, registry, base):
@@ -174,9 +196,58 @@ def test_datasets_of_0_1_still_run(nonroot, registry, base):
     run(["datalad", "save", "-m", "as made by 0.1"], ds)
     run(["datalad", "containers-run", "-n", "single", "-o", "old.txt",
          "sh -c 'echo old-format > old.txt'"], ds)
-    record, _ = last_record(run, ds)
+    record, first_line = last_record(run, ds)
     assert "datalad_udocker.runtime_cli" in record["cmd"]
+    assert first_line == title("sh -c 'echo old-format > old.txt'")
     assert (ds / "old.txt").read_text() == "old-format\n"
     run(["datalad", "rerun"], ds)
     assert (ds / "old.txt").read_text() == "old-format\n"
     assert run(["git", "status", "--porcelain"], ds).stdout == ""
+
+
+API_RUN = """
+import sys
+ds, first, cmd, message = sys.argv[1:5]
+if first == "datalad_container":    # imported before our extension loads
+    import datalad_container.containers_run  # noqa: F401
+import datalad.api as dl
+if message:
+    dl.containers_run(cmd, container_name="single", dataset=ds, message=message,
+                      result_renderer="disabled")
+else:
+    dl.Dataset(ds).containers_run(cmd, container_name="single", result_renderer="disabled")
+"""
+
+
+def test_run_title_is_the_users_command(nonroot, registry, base):
+    """CLI and datalad.api (as in a notebook): the user's command titles the commit, the
+    record keeps the call format; an explicit message wins over both."""
+    env = {"DATALAD_UDOCKER_DIR": str(base / "udocker")}
+
+    def run(cmd, cwd):
+        return nonroot.run(cmd, cwd=cwd, env=env)
+
+    ds = base / "ds"
+    run(["datalad", "create", "-c", "text2git", str(ds)], base)
+    run(["datalad", "udocker-import", "-n", "single", f"{registry.host}/test/single:1"], ds)
+    long_cmd = "sh -c 'echo a long command, longer than forty characters > cli.txt'"
+    run(["datalad", "containers-run", "-n", "single", long_cmd], ds)
+    record, first_line = last_record(run, ds)
+    assert first_line == title(long_cmd) and first_line.endswith("...")
+    assert record["cmd"].startswith("datalad-udocker-run ") and record["cmd"].endswith(long_cmd)
+    run(["datalad", "containers-run", "-n", "single", "-m", "explained",
+         "sh -c 'echo m > m.txt'"], ds)
+    assert last_record(run, ds)[1] == "[DATALAD RUNCMD] explained"
+    # datalad.api, datalad-container's module imported after and before our extension loads
+    for first, message in (("datalad.api", ""), ("datalad_container", ""),
+                           ("datalad.api", "my own message")):
+        api_cmd = f"sh -c 'echo {first} > api-{len(message)}-{first}.txt'"
+        run([str(VENV / "bin" / "python"), "-c", API_RUN, str(ds), first, api_cmd, message],
+            ds)
+        assert (ds / f"api-{len(message)}-{first}.txt").read_text() == first + "\n"
+        assert last_record(run, ds)[1] == (
+            "[DATALAD RUNCMD] " + message if message else title(api_cmd))
+    # a plain `datalad run` is untouched, even of our runner's command line
+    plain = "datalad-udocker-run -d '.' '.datalad/environments/single/image' sh -c 'echo p > p'"
+    run(["datalad", "run", plain], ds)
+    assert last_record(run, ds)[1] == title(plain)

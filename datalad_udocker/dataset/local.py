@@ -13,7 +13,7 @@ enabled, so git-annex cannot get a layer from it, ever.  Before getting,
 :func:`datalad_get` enables it (:func:`enable_registry_remote`), with our
 script directory on PATH.  ``datalad containers-run`` gets the image (its
 layers) with DataLad's own ``get`` before our runner starts: for it, loading
-the extension enables the remote (:func:`enable_for_containers_run`).
+the extension enables the remote (:func:`..hooks.enable_for_containers_run`).
 """
 import logging
 import os
@@ -62,30 +62,6 @@ def enable_registry_remote(path):
     lgr.info("enabled the git-annex special remote %s in %s (git-annex could "
              "not find git-annex-remote-udocker when it was cloned)", name, repo)
     return True
-
-
-def enable_for_containers_run(argv):
-    """Enable the registry remote in the dataset a ``datalad containers-run``
-    command line (``argv``, without the program) runs in: its
-    ``-d``/``--dataset``, else the current directory (or DataLad's ``-C``).
-    Never raises: a failure is logged with what to run (the ``get`` that
-    follows then fails as it would have)."""
-    where = chdir = "."
-    for i, arg in enumerate(argv[:-1]):
-        if arg in ("-d", "--dataset"):
-            where = argv[i + 1]
-        elif arg == "-C" and i < argv.index("containers-run"):
-            chdir = argv[i + 1]
-    for arg in argv:
-        if arg.startswith("--dataset="):
-            where = arg.split("=", 1)[1]
-    where = os.path.join(chdir, where)
-    if not os.path.isdir(where):
-        return
-    try:
-        enable_registry_remote(where)
-    except UdockerError as exc:
-        lgr.warning("%s", exc)
 
 
 def datalad_get(dataset=None):
