@@ -154,6 +154,7 @@ def test_walkthrough_as_printed(nonroot, registry, readonly_clone, wheelhouse, t
         assert user.run(f"git -C {check} rev-parse HEAD").stdout == \
             user.run(f"git -C {ds} rev-parse HEAD").stdout
         # the two reruns really ran the command (the job's run is in its own log)
-        assert res.stderr.count("== Command start") == 2, res.stderr
+        reruns = res.stderr[res.stderr.index("] run commit "):]
+        assert reruns.count("] run commit ") == reruns.count("== Command start") == 2, reruns
     finally:
         shutil.rmtree(base, ignore_errors=True)
