@@ -19,7 +19,7 @@ import pytest
 
 from fixtures.util import REPO_ROOT, stop_process, wait_until
 
-pytestmark = [pytest.mark.timeout(300),
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="apt-get runs as root")]
 
 

@@ -23,7 +23,7 @@ import requests
 
 from fixtures.util import REPO_ROOT, stop_process, wait_until
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]     # starts a registry
 
 
 def sh(cmd, cwd, check=True):
