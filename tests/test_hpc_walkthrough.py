@@ -7,7 +7,8 @@ the document and the test cannot drift apart.  Only the placeholders the documen
 (:data:`PLACEHOLDERS`) are replaced: the clone to install from, the tools tarball, the
 scratch directory and the image reference.  pip is kept offline by its own environment
 variables (``PIP_NO_INDEX``, ``PIP_FIND_LINKS``: the wheelhouse of the root-free install
-test), not by changing the commands.
+test), and ``sbatch`` finds the test cluster through ``SLURM_CONF``, not by changing
+the commands.
 
 They run as the non-root user with a fresh HOME and ``PATH=/usr/bin:/bin`` in a mount
 namespace without the system's git-annex, PRoot, runc, patchelf and fakechroot
