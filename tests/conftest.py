@@ -30,6 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixtures.dockerd import start_dockerd_or_skip  # noqa: E402
 from fixtures.proxy import FaultProxy  # noqa: E402
 from fixtures.registry import Registry  # noqa: E402
+# session fixtures of the root-free install, shared by test_rootfree_install and
+# test_hpc_walkthrough
+from fixtures.rootfree import (readonly_clone, shared_dir, tarball_server,  # noqa: E402,F401
+                               tools_tarball, wheelhouse)
 from fixtures.slurm import SlurmCluster, slurm_unavailable_reason  # noqa: E402
 from fixtures.users import GITCONFIG, UserRunner  # noqa: E402
 from fixtures.util import REPO_ROOT  # noqa: E402

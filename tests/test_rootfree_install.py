@@ -23,109 +23,20 @@ The tools tarball is built in udocker's layout from the Debian binaries.
 """
 from __future__ import annotations
 
-import functools
-import glob
-import hashlib
-import http.server
 import io
 import os
-import shlex
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from fixtures.users import GITCONFIG
-from fixtures.util import REPO_ROOT, free_port, stop_process, wait_until
+from fixtures.rootfree import BASE_PATH, TOOLS, HiddenToolsUser, _sh
+from fixtures.util import free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.timeout(900)
-
-# what a cluster user does not have (the Debian packages' programs and library)
-HIDDEN_FILES = ["/usr/bin/git-annex", "/usr/bin/proot", "/usr/sbin/runc", "/usr/bin/crun",
-                "/usr/bin/patchelf", "/usr/bin/fakechroot", "/usr/local/bin/git-annex"]
-HIDDEN_DIRS = glob.glob("/usr/lib/*/fakechroot") + glob.glob("/usr/lib64/fakechroot")
-TOOLS = ("git-annex", "git-annex-shell", "proot", "runc", "crun", "patchelf", "fakechroot")
-BASE_PATH = "/usr/bin:/bin"
-
-
-def _sh(*argv, **kw):
-    return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
-
-
-@pytest.fixture(scope="session")
-def shared_dir():
-    """A root-owned directory under /tmp every user can read (pytest's are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="udocker-rootfree-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def readonly_clone(shared_dir):
-    """This repository's files (committed or not, minus ignored ones) in a root-owned copy
-    with directories 755 and files 644: a site's or a colleague's clone."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: to own the clone and to hide the system's tools in a mount "
-                    "namespace (run the tests as root, as tools/test.sh does)")
-    clone = shared_dir / "site" / "datalad-udocker"
-    files = _sh("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard",
-                cwd=REPO_ROOT).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO_ROOT / rel
-        if src.is_file():
-            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, clone / rel)
-    _sh("chown", "-R", "root:root", str(clone))
-    _sh("chmod", "-R", "u=rwX,go=rX", str(clone))
-    return clone
-
-
-@pytest.fixture(scope="session")
-def wheelhouse(readonly_clone):
-    """Wheels of every dependency (and the build backend's), downloaded once by root; kept
-    in /var/tmp between sessions, keyed by pyproject.toml."""
-    key = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
-    wheels = Path("/var/tmp/datalad-udocker-test-wheels") / key
-    if not (wheels / ".complete").exists():
-        wheels.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["/usr/bin/python3", "-m", "pip", "download", "-q", "-d", str(wheels),
-                        f"{readonly_clone}[annex]", "setuptools>=77", "wheel"],
-                       check=True, cwd=readonly_clone.parent, timeout=600)
-        (wheels / ".complete").touch()
-    _sh("chmod", "-R", "a+rX", str(wheels.parent))
-    return wheels
-
-
-@pytest.fixture(scope="session")
-def tools_tarball(shared_dir):
-    """udocker's tools tarball layout, made of the Debian binaries (before they are hidden)."""
-    so = next(iter(glob.glob("/usr/lib/*/fakechroot/libfakechroot.so")), None)
-    members = {"bin/proot-x86_64": shutil.which("proot"),
-               "bin/runc-x86_64": shutil.which("runc", path="/usr/sbin:/usr/bin"),
-               "bin/patchelf-x86_64": shutil.which("patchelf"),
-               "lib/libfakechroot-x86_64.so": so}
-    missing = [name for name, path in members.items() if not path]
-    assert not missing, f"Debian tools for the test tarball missing: {missing} (tools/install.sh)"
-    (shared_dir / "tools").mkdir()
-    path = shared_dir / "tools" / "udocker-englib-test.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, src in members.items():
-            tar.add(src, f"udocker_dir/{name}")
-        # what the real tarball also has, which must not escape udocker_dir/{bin,lib,doc}
-        for name in ("udocker_dir/doc/README", "udocker_dir/../evil", "/etc/evil"):
-            info = tarfile.TarInfo(name)
-            info.size = 4
-            tar.addfile(info, io.BytesIO(b"text"))
-        info = tarfile.TarInfo("udocker_dir/lib/VERSION")
-        info.size = len(b"1.2.11\n")
-        tar.addfile(info, io.BytesIO(b"1.2.11\n"))
-    _sh("chmod", "-R", "u=rwX,go=rX", str(path.parent))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -150,55 +61,6 @@ def git_url(readonly_clone, shared_dir):
         yield f"git://127.0.0.1:{port}/datalad-udocker"
     finally:
         stop_process(proc)
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, fmt, *args):       # record, do not print
-        self.server.requests.append(self.path)
-
-
-@pytest.fixture(scope="session")
-def tarball_server(tools_tarball):
-    """The tests' own HTTP server for the tarball's directory: ``(base URL, requests)``."""
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Handler, directory=str(tools_tarball.parent)))
-    server.requests = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", server.requests
-    server.shutdown()
-    server.server_close()
-
-
-class HiddenToolsUser:
-    """Shell commands as the non-root user, in a mount namespace without the system's
-    git-annex, PRoot, runc, patchelf and fakechroot, with its own HOME."""
-
-    def __init__(self, nonroot, base: Path):
-        self.nonroot = nonroot
-        self.base = base
-        self.home = base / "home"
-        self.home.mkdir()
-        (self.home / ".gitconfig").write_text(GITCONFIG)
-        for p in (self.home, self.home / ".gitconfig"):
-            nonroot.chown(p)
-        self.path = BASE_PATH
-
-    def run(self, script: str, check=True, env=None) -> subprocess.CompletedProcess:
-        hide = [f"mount --bind /dev/null {shlex.quote(f)}" for f in HIDDEN_FILES
-                if os.path.lexists(f)]
-        hide += [f"mount -t tmpfs -o size=1m,mode=755 none {shlex.quote(d)}"
-                 for d in HIDDEN_DIRS]
-        user = self.nonroot.command(["/bin/sh", "-c", "set -e; " + script])
-        argv = ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
-                "set -e; %s; exec %s" % ("; ".join(hide), shlex.join(user))]
-        res = subprocess.run(argv, cwd=self.base, capture_output=True, text=True, timeout=600,
-                             env=self.nonroot.env({"HOME": str(self.home), "PATH": self.path,
-                                                   **(env or {})}))
-        if check and res.returncode:
-            raise AssertionError(f"{script!r} exited {res.returncode}\n"
-                                 f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
-        return res
 
 
 def tree(path: Path):

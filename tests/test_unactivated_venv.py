@@ -10,12 +10,15 @@ only in the registry (a bare git repository without annexed content):
   and runs (its runner, ``datalad-udocker-run``, is the one that gets them);
 - ``udocker-export`` by absolute path does the same in another fresh clone;
 - so does the runner itself, ``datalad-udocker-run``, called by absolute path;
+- ``udocker-import`` by absolute path imports into such a clone (enabling the remote to
+  register the new layers' URLs), and ``udocker-containers`` lists;
 - a plain ``datalad get`` (DataLad core: no code of ours runs) says "not available" until
   ``git annex enableremote udocker-registry`` is run with the venv's bin on PATH, as
   docs/hpc.rst says.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -158,3 +161,22 @@ def test_clone_loading_the_extension_enables_the_registry_remote(nonroot, publis
     assert REMOTE in run(["git", "remote"], cwd=clone).stdout.split()
     nonroot.run([DATALAD, "get", str(IMAGE)], cwd=clone, env=env)
     assert_layers_from_registry(run, clone, registry, before)
+
+
+def test_import_and_listing_by_absolute_path(nonroot, published):
+    """udocker-import into a clone whose registry remote is not enabled, and
+    udocker-containers, both by absolute path from the unactivated venv."""
+    base, bare, registry = published
+    run = unactivated(nonroot, base)
+    clone = fresh_clone(run, bare, base / "import-clone")
+    run([DATALAD, "udocker-import", "-n", "other", f"{registry.host}/test/multi:1"],
+        cwd=clone)
+    assert REMOTE in run(["git", "remote"], cwd=clone).stdout.split()
+    # git-annex knows every new layer's registry URL, claimed by our remote
+    whereis = run(["sh", "-c", f"PATH={VENV_BIN}:$PATH git annex whereis --json "
+                   ".datalad/environments/other/image/blobs"], cwd=clone).stdout
+    for line in whereis.splitlines():
+        remotes = {r["description"] for r in json.loads(line)["whereis"]}
+        assert "[udocker-registry]" in remotes or "udocker-registry" in remotes, line
+    res = run([DATALAD, "udocker-containers"], cwd=clone)
+    assert "udocker_containers(notneeded)" in res.stdout, res.stdout

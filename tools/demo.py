@@ -3,7 +3,8 @@
 Starts a registry on 127.0.0.1, pushes a tiny busybox image to it, imports it into a new
 dataset, clones the dataset (git only), gets the layers back from the registry and runs a
 command in the container with `datalad containers-run`.  Everything is left in DEMO_DIR
-(default ./demo-output) for you to look at; the registry is stopped at the end.
+(default ./demo-output) for you to look at; the registry is stopped at the end, and the demo
+says how to start it again (tests/test_demo.py checks what it says).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(REPO / "tests"))
 os.environ["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"
 
 from fixtures import images as im  # noqa: E402
-from fixtures.registry import Registry  # noqa: E402
+from fixtures.registry import REGISTRY_BIN, Registry  # noqa: E402
 
 
 def sh(cmd, cwd):
@@ -61,9 +62,11 @@ def main():
         sh(f"datalad containers-run -n hello -o out.txt {shlex.quote(cmd)}", clone)
         sh("cat out.txt && git log --oneline -3", clone)
         print(f"\n== done: dataset {project}, clone {clone}")
-        print("   The demo registry stops now: in these datasets the layers that are already"
-              "\n   present stay usable, but `datalad get` of dropped layers needs the registry again"
-              f"\n   (restart it on {reg.host} or import from a registry of your own).")
+        print("   The demo registry stops now.  In these datasets the layers that are present"
+              "\n   stay usable (containers-run works), but `datalad get` of a layer that is not"
+              "\n   present (dropped, or in a new clone) needs the registry again: restart it with"
+              f"\n   `{REGISTRY_BIN} serve {reg.config_path}` (it serves {reg.host} again),"
+              "\n   or import your own images from a registry of your own.")
     finally:
         reg.stop()
 

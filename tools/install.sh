@@ -40,14 +40,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     cleanup_policy() { if [ "$own_policy" = 1 ]; then as_root rm -f /usr/sbin/policy-rc.d; fi; }
     trap cleanup_policy EXIT
-    apt_env=(env DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1)
-    # Another apt/dpkg process (unattended-upgrades, a second terminal) may hold the lock:
-    # wait for it instead of failing at once.
-    apt_opts=(-o DPkg::Lock::Timeout=600)
-    say "apt-get update"
-    as_root "${apt_env[@]}" apt-get "${apt_opts[@]}" update -qq
-    as_root "${apt_env[@]}" apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${missing[@]}" \
-        >/dev/null
+    say "apt-get update and install (waiting for any other apt process to finish)"
+    as_root bash "$repo/tools/apt-install.sh" "${missing[@]}"
     say "installed: ${missing[*]}"
     cleanup_policy
     trap - EXIT
