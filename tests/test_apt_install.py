@@ -3,8 +3,8 @@
 Another apt or dpkg process (unattended-upgrades, a second terminal) holding apt's locks
 must make the install wait, not fail at once.  The test holds the locks itself, as that other
 process would, and runs ``tools/apt-install.sh zstd`` (a package that is installed: once
-apt has the locks there is nothing to do) for real: ``apt-get update`` against the
-machine's package sources, then ``apt-get install``.  It runs in a mount namespace with
+apt has the locks there is nothing to do) for real: ``apt-get update`` (with no package
+sources: nothing is read from the network), then ``apt-get install``.  It runs in a mount namespace with
 private lock files, a private copy of the package lists and an empty package cache, so
 nothing the machine's own apt uses is locked or written.
 """
@@ -41,6 +41,9 @@ def test_apt_install_waits_for_the_locks(tmp_path):
         f"mount --bind {lists} /var/lib/apt/lists",
         "mount -t tmpfs -o size=64m none /var/cache/apt",
         "mkdir -p /var/cache/apt/archives/partial",
+        # no package sources: `apt-get update` takes its lock and reads nothing from the net
+        "mount -t tmpfs -o size=1m none /etc/apt/sources.list.d",
+        "if [ -e /etc/apt/sources.list ]; then mount --bind /dev/null /etc/apt/sources.list; fi",
         f"mount --bind {frontend} /var/lib/dpkg/lock-frontend",
         f"mount --bind {dpkg_lock} /var/lib/dpkg/lock",
         f"exec bash {REPO_ROOT / 'tools' / 'apt-install.sh'} zstd"])
