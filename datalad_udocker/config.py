@@ -26,7 +26,8 @@ reader.
     (root or a service user), used read-only before the user's own cache
     (P1/P2 only); ignored with a warning when the user could write it.
 ``datalad.udocker.jobs``
-    Parallel layer downloads during import (default 4).
+    Parallel layer downloads during import, and byte ranges of one large
+    layer fetched at once by the registry special remote (default 4).
 ``datalad.udocker.tools-tarball``
     Where udocker's tools tarball is installed from when the host lacks an
     execution tool: files or URLs, or ``udocker`` for udocker's download
