@@ -1,6 +1,6 @@
 """The benchmark suite of issue 8: every row of its table, each against its yardstick, one run.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--repeat N] [--out DIR]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--repeat N] [--out DIR] [--rows R,...]
 
 Starts its own registry on 127.0.0.1 (the tests' fixture), builds and pushes three images
 (a 1 GiB image of 10 incompressible layers, an image of many small files, and a Debian 12
@@ -10,7 +10,8 @@ every repeat so that both see the same machine load.  Prints a Markdown table (m
 min-max, ratio, the issue's target, whether it holds) and writes it to
 ``benchmarks/results.md``, ``docs/_static/benchmarks.rst.inc`` and a plot
 ``docs/_static/benchmarks.png`` (``--quick``: small images, 1 repeat, files under a temp dir
-unless ``--out`` is given).  It asserts nothing.
+unless ``--out`` is given; ``--rows``: only those rows, e.g. ``--rows clone-get,import-small``,
+written to a temp dir unless ``--out`` is given).  It asserts nothing.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ from common import (REPO, UDOCKER_ROOT_OPTS, Registry, debian_image, git_identit
 from report import Row, markdown, plot, rst_list_table
 
 PYTHON = str(REPO / ".venv" / "bin" / "python")
+#: the rows, in the order they are measured (``--rows``)
+ROWS = ("import-big", "clone-get", "export", "warm-run", "first-run", "import-small",
+        "create-small")
 ENV_DIR = ".datalad/environments"
 
 
@@ -38,10 +42,14 @@ def log(msg):
 
 
 class Suite:
-    def __init__(self, work: Path, repeat: int):
+    def __init__(self, work: Path, repeat: int, compare=None):
         self.work, self.repeat = work, repeat
         self.env = git_identity_env()
         self.env["DATALAD_UDOCKER_EXECMODE"] = "P1"
+        #: the environment that runs another install (``--compare VENV``), or None
+        self.compare_env = None if compare is None else dict(
+            self.env, PATH=f"{Path(compare).resolve() / 'bin'}{os.pathsep}{self.env['PATH']}")
+        self.compare_label = f"the same with `{compare}`"
         self.rows = []
         self.n = 0
 
@@ -92,13 +100,22 @@ class Suite:
         log(f"  {row.key}: ours {row.ours} vs {row.yardstick} {row.yard}")
 
     # -- rows ----------------------------------------------------------------------------
+    def compared(self, samples):
+        """``Row.also`` for the samples of the ``--compare`` install (none without it)."""
+        return [(self.compare_label, samples)] if self.compare_env else []
+
     def import_rows(self, ref, what, key):
         """udocker-import (net of datalad create) vs skopeo copy; returns (kept ds, RSS)."""
-        ours, yard, rss, yard_rss, kept = [], [], [], [], None
+        ours, yard, rss, yard_rss, other, kept = [], [], [], [], [], None
         for _ in range(self.repeat):
             s, m = self.skopeo_copy(ref)
             yard.append(s)
             yard_rss.append(m)
+            if self.compare_env:
+                ds = self.create()
+                other.append(self.time(["datalad", "udocker-import", "-n", key, ref], cwd=ds,
+                                       env=self.compare_env)[0])
+                shutil.rmtree(ds)
             ds = self.create()
             s, m = self.time(["datalad", "udocker-import", "-n", key, ref], cwd=ds)
             ours.append(s)
@@ -108,22 +125,26 @@ class Suite:
             else:
                 shutil.rmtree(ds)
         self.add(Row(f"import {key}", f"`udocker-import` of {what} (net of `datalad create`)",
-                     ours, "`skopeo copy docker:// oci:`", yard, target=1.0))
+                     ours, "`skopeo copy docker:// oci:`", yard, target=1.0,
+                     also=self.compared(other)))
         return kept, rss, yard_rss
 
     def clone_get_row(self, ds, ref, key, what):
         bare = self.bare(ds)
-        ours, yard = [], []
+        ours, yard, other = [], [], []
         for _ in range(self.repeat):
             yard.append(self.skopeo_copy(ref)[0])
-            clone = self.fresh("clone")
-            ours.append(self.time(["sh", "-c", 'datalad clone "$1" "$2" && '
-                                   'datalad get -d "$2" "$2/$3"', "sh", bare, clone,
-                                   f"{ENV_DIR}/{key}/image"])[0])
-            shutil.rmtree(clone)
+            for env, samples in [(self.compare_env, other), (self.env, ours)]:
+                if env is None:
+                    continue
+                clone = self.fresh("clone")
+                samples.append(self.time(["sh", "-c", 'datalad clone "$1" "$2" && '
+                                          'datalad get -d "$2" "$2/$3"', "sh", bare, clone,
+                                          f"{ENV_DIR}/{key}/image"], env=env)[0])
+                shutil.rmtree(clone)
         self.add(Row(f"clone+get {key}", f"fresh `datalad clone` + `datalad get` of {what}'s "
                      "layout from the registry", ours, "`skopeo copy docker:// oci:`", yard,
-                     target=1.0))
+                     target=1.0, also=self.compared(other)))
 
     def export_rows(self, ds, key, what):
         layout = ds / ENV_DIR / key / "image"
@@ -250,51 +271,86 @@ def main():
     ap.add_argument("--repeat", type=int, default=None, help="repeats per measurement (3)")
     ap.add_argument("--out", default=None, help="directory for results.md, the .rst.inc and "
                     "the PNG (default: the repository's; with --quick a temp dir)")
+    ap.add_argument("--compare", default=None, metavar="VENV",
+                    help="also measure the import and clone+get rows with the datalad and "
+                    "git-annex-remote-udocker of another install (e.g. a venv of the code "
+                    "before a change), in the same repeats: before/after in one run")
+    ap.add_argument("--rows", default=None, metavar="R,...",
+                    help="measure only these rows (%s); the images and datasets they need "
+                    "are made untimed" % ", ".join(ROWS))
     args = ap.parse_args()
+    rows = set(args.rows.split(",")) if args.rows else set(ROWS)
+    if rows - set(ROWS):
+        ap.error("unknown rows: %s (known: %s)" % (", ".join(sorted(rows - set(ROWS))),
+                                                   ", ".join(ROWS)))
     repeat = args.repeat or (1 if args.quick else 3)
     big_mib = [2] * 10 if args.quick else [102] * 6 + [103] * 4
     small_files = 500 if args.quick else 20000
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="bench-all-"))
     reg = Registry("plain").start()
-    suite = Suite(work, repeat)
+    suite = Suite(work, repeat, args.compare)
     try:
         log(f"registry on {reg.host}; work dir {work}; building images")
-        big, big_size = push_image(reg, random_image, "bench/big", layer_mib=big_mib)
-        small, small_size = push_image(reg, small_files_image, "bench/small", files=small_files)
-        deb, deb_size = push_image(reg, debian_image, "bench/deb", quick=args.quick)
-        big_what = f"the {big_size / 2**20:.0f} MiB 10-layer image"
-        small_what = f"the {small_files} small files image ({small_size / 2**20:.0f} MiB)"
-        deb_what = f"the Debian image ({deb_size / 2**20:.0f} MiB)"
-        log(f"images: big {big_size / 2**20:.0f} MiB, small {small_size / 2**20:.1f} MiB, "
-            f"debian {deb_size / 2**20:.1f} MiB (compressed); measuring, {repeat} repeat(s)")
-        big_ds, import_rss, skopeo_rss = suite.import_rows(big, big_what, "big")
-        suite.clone_get_row(big_ds, big, "big", big_what)
-        export_rss, skopeo_export_rss = suite.export_rows(big_ds, "big", big_what)
-        shutil.rmtree(big_ds)
-        deb_ds = suite.imported(deb, "deb")
-        suite.warm_run_rows(deb_ds, "deb")
-        suite.first_run_row(deb_ds, deb, "deb", deb_what)
-        small_ds, _, _ = suite.import_rows(small, small_what, "small")
-        suite.create_row(small_ds, small, "small", small_what)
-        suite.add(Row("peak RSS import", f"peak RSS of `udocker-import`, {big_what}",
-                      import_rss, "skopeo copy", skopeo_rss, kind="rss", target=150))
-        suite.add(Row("peak RSS export", f"peak RSS of `udocker-export`, {big_what}",
-                      export_rss, "skopeo copy to docker-archive", skopeo_export_rss,
-                      kind="rss", target=150))
+        if rows & {"import-big", "clone-get", "export"}:
+            big, big_size = push_image(reg, random_image, "bench/big", layer_mib=big_mib)
+            big_what = f"the {big_size / 2**20:.0f} MiB 10-layer image"
+            log(f"image big: {big_size / 2**20:.0f} MiB (compressed)")
+        if rows & {"import-small", "create-small"}:
+            small, small_size = push_image(reg, small_files_image, "bench/small",
+                                           files=small_files)
+            small_what = f"the {small_files} small files image ({small_size / 2**20:.0f} MiB)"
+            log(f"image small: {small_size / 2**20:.1f} MiB (compressed)")
+        if rows & {"warm-run", "first-run"}:
+            deb, deb_size = push_image(reg, debian_image, "bench/deb", quick=args.quick)
+            deb_what = f"the Debian image ({deb_size / 2**20:.0f} MiB)"
+            log(f"image debian: {deb_size / 2**20:.1f} MiB (compressed)")
+        log(f"measuring {', '.join(r for r in ROWS if r in rows)}; {repeat} repeat(s)")
+        if rows & {"import-big", "clone-get", "export"}:
+            if "import-big" in rows:
+                big_ds, import_rss, skopeo_rss = suite.import_rows(big, big_what, "big")
+            else:
+                big_ds = suite.imported(big, "big")
+            if "clone-get" in rows:
+                suite.clone_get_row(big_ds, big, "big", big_what)
+            if "export" in rows:
+                export_rss, skopeo_export_rss = suite.export_rows(big_ds, "big", big_what)
+            shutil.rmtree(big_ds)
+        if rows & {"warm-run", "first-run"}:
+            deb_ds = suite.imported(deb, "deb")
+            if "warm-run" in rows:
+                suite.warm_run_rows(deb_ds, "deb")
+            if "first-run" in rows:
+                suite.first_run_row(deb_ds, deb, "deb", deb_what)
+        if rows & {"import-small", "create-small"}:
+            if "import-small" in rows:
+                small_ds, _, _ = suite.import_rows(small, small_what, "small")
+            else:
+                small_ds = suite.imported(small, "small")
+            if "create-small" in rows:
+                suite.create_row(small_ds, small, "small", small_what)
+        if "import-big" in rows:
+            suite.add(Row("peak RSS import", f"peak RSS of `udocker-import`, {big_what}",
+                          import_rss, "skopeo copy", skopeo_rss, kind="rss", target=150))
+        if "export" in rows:
+            suite.add(Row("peak RSS export", f"peak RSS of `udocker-export`, {big_what}",
+                          export_rss, "skopeo copy to docker-archive", skopeo_export_rss,
+                          kind="rss", target=150))
     finally:
         reg.stop()
         shutil.rmtree(work, ignore_errors=True)
     minutes = (time.time() - started) / 60
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    preamble = (f"{'Quick smoke run' if args.quick else 'Run'} of {when}, {repeat} repeat(s), "
+    kind = "Quick smoke run" if args.quick else "Run" if args.rows is None else \
+        "Run of rows " + ", ".join(r for r in ROWS if r in rows)
+    preamble = (f"{kind} of {when}, {repeat} repeat(s), "
                 f"{minutes:.1f} min in all; {machine()}.")
     write(suite.rows, preamble, args)
 
 
 def write(rows, preamble, args):
     out = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else None)
+        Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick or args.rows else None)
     md_path = (out or REPO / "benchmarks") / "results.md"
     static = out or REPO / "docs" / "_static"
     static.mkdir(parents=True, exist_ok=True)
