@@ -10,7 +10,8 @@ This is where a layer byte goes (read top to bottom):
    key ``SHA256-s<size>--<hex>`` (= its registry digest), each staged file
    is moved into the annex as that key's content (no re-hashing, no
    git-annex process per layer), its registry URL is registered (claimed by
-   our special remote, which is marked as having it), the JSON goes to git,
+   our special remote, which is marked as having it; meanwhile, as git-annex
+   starts that remote to ask it), the JSON goes to git,
    datalad-container learns the image, and one ``git commit`` of exactly
    the paths the import changed records it all.
 
@@ -277,7 +278,11 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged, remote_uuid):
     new = {keys[d]: f for d, f in staged.items() if keys[d] not in present}
     journal = Journal.begin(ds, relpath, list(new))
     config_file = Path(ds.path) / CONFIG
+    registering = None
     try:
+        # URLs first, in the background: git-annex starts our special remote
+        # to claim them, while the layout and the keys are put in place
+        registering = _Background(_register_urls, ds, image, keys, remote_uuid)
         old_blobs = _layout_blob_files(layout_dir)
         written = write_json_files(layout_dir, image.manifest, image.config_raw,
                                    image.annotations)
@@ -306,7 +311,7 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged, remote_uuid):
         annex.store_verified(ds.path, new)
         local = annex.local_uuid(ds.path) if new else None
         annex.set_present(ds.path, [(k, local) for k in new]
-                          + _register_urls(ds, image, keys, remote_uuid))
+                          + registering.result())
         ds.config.set("datalad.containers.%s.image" % name, relpath,
                       scope="branch", reload=False)
         ds.config.set("datalad.containers.%s.cmdexec" % name, config.CMDEXEC,
@@ -318,6 +323,8 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged, remote_uuid):
                     "[DATALAD] udocker-import %s\n\nmanifest %s"
                     % (image.description, image.manifest.digest))
     except BaseException:
+        if registering is not None:
+            registering.wait()      # no git-annex of ours runs during the undo
         try:
             journal.undo(ds.path)
         except Exception as exc:      # the next import retries the undo
