@@ -97,7 +97,8 @@ class Suite:
 
     def add(self, row):
         self.rows.append(row)
-        log(f"  {row.key}: ours {row.ours} vs {row.yardstick} {row.yard}")
+        log(f"  {row.key}: ours {row.ours} vs {row.yardstick} {row.yard}"
+            + "".join(f"; {label} {samples}" for label, samples in row.also))
 
     # -- rows ----------------------------------------------------------------------------
     def compared(self, samples):
@@ -287,6 +288,11 @@ def main():
     big_mib = [2] * 10 if args.quick else [102] * 6 + [103] * 4
     small_files = 500 if args.quick else 20000
     started = time.time()
+    # what `pip install` leaves: bytecode for every module.  The editable install under
+    # PYTHONDONTWRITEBYTECODE (set on these machines) would otherwise compile the package
+    # anew in every process: ~40 ms per command, ~10 ms per start of the special remote
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(REPO / "datalad_udocker")],
+                   check=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE=""))
     work = Path(tempfile.mkdtemp(prefix="bench-all-"))
     reg = Registry("plain").start()
     suite = Suite(work, repeat, args.compare)
