@@ -353,8 +353,12 @@ def _git_commit(ds, paths, message):
     if staged.returncode == 0 and not mine:
         return
     only = staged.returncode != 0 or len(mine) != len(names)
+    # the index as it is: git re-reads no file into the commit, so git-annex's
+    # filter need not start (it would, for racily clean entries such as the
+    # JSON just added); with PATHS git reads those files again, filtered
     annex.git(ds.path, "commit", "-q", "-m", message,
-              *(["--"] + paths if only else []))
+              *(["--"] + paths if only else []),
+              env=None if only else annex.without_annex_filter())
 
 
 def _setup_remote(ds_path, lock):
