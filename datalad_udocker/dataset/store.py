@@ -182,10 +182,15 @@ def _already_stored(ds, layout_dir, image, name, relpath):
 
 
 def _dirty(ds, layout_dir):
+    # without git-annex's filter: git re-reads racily clean files of the
+    # whole index (a dataset just created), and the layout holds JSON in git
+    # and symlinks, which no filter touches (an unlocked layer whose stat
+    # changed would show as modified: a refusal to import, never a loss)
     out = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=all", "--",
          str(layout_dir)], cwd=ds.path, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True)
+        stderr=subprocess.DEVNULL, text=True,
+        env=annex.without_annex_filter())
     return bool(out.stdout.strip())
 
 
