@@ -203,23 +203,27 @@ class Suite:
         bare = self.bare(ds)
         name = ref.split("/", 1)[1]
         registry = "http://" + ref.split("/", 1)[0]
-        ours, yard = [], []
+        ours, yard, other = [], [], []
         for i in range(self.repeat):
             udir = self.fresh("udocker-yard")
             pull, uenv = self.udocker(udir, "pull", f"--registry={registry}", name)
             create, _ = self.udocker(udir, "create", f"--name=bench{i}", name)
             yard.append(self.time(chained(pull, create), env=uenv)[0])
             shutil.rmtree(udir, ignore_errors=True)
-            clone = self.fresh("clone")
-            env = dict(self.env, DATALAD_UDOCKER_DIR=str(self.fresh("udocker-cold")))
-            ours.append(self.time(["sh", "-c", 'datalad clone "$1" "$2" && cd "$2" && '
-                                   'datalad containers-run -n "$3" true', "sh", bare, clone,
-                                   key], env=env)[0])
-            shutil.rmtree(clone)
-            shutil.rmtree(env["DATALAD_UDOCKER_DIR"], ignore_errors=True)
+            for base, samples in [(self.compare_env, other), (self.env, ours)]:
+                if base is None:
+                    continue
+                clone = self.fresh("clone")
+                env = dict(base, DATALAD_UDOCKER_DIR=str(self.fresh("udocker-cold")))
+                samples.append(self.time(["sh", "-c", 'datalad clone "$1" "$2" && cd "$2" && '
+                                          'datalad containers-run -n "$3" true', "sh", bare,
+                                          clone, key], env=env)[0])
+                shutil.rmtree(clone)
+                shutil.rmtree(env["DATALAD_UDOCKER_DIR"], ignore_errors=True)
         self.add(Row(f"first run {key}", f"first run in a fresh clone with an empty cache "
                      f"(clone + get + create + run), {what}", ours,
-                     "`udocker pull` + `udocker create`", yard, target=1.0))
+                     "`udocker pull` + `udocker create`", yard, target=1.0,
+                     also=self.compared(other)))
 
     def create_row(self, ds, ref, key, what):
         """Empty cache, layers present: our first run (verify, feed, create, run) vs
@@ -273,9 +277,10 @@ def main():
     ap.add_argument("--out", default=None, help="directory for results.md, the .rst.inc and "
                     "the PNG (default: the repository's; with --quick a temp dir)")
     ap.add_argument("--compare", default=None, metavar="VENV",
-                    help="also measure the import and clone+get rows with the datalad and "
-                    "git-annex-remote-udocker of another install (e.g. a venv of the code "
-                    "before a change), in the same repeats: before/after in one run")
+                    help="also measure the import, clone+get and first-run rows with the "
+                    "datalad, git-annex-remote-udocker and datalad-udocker-run of another "
+                    "install (e.g. a venv of the code before a change), in the same repeats: "
+                    "before/after in one run")
     ap.add_argument("--rows", default=None, metavar="R,...",
                     help="measure only these rows (%s); the images and datasets they need "
                     "are made untimed" % ", ".join(ROWS))
