@@ -1,6 +1,6 @@
 """The benchmark suite of issue 8: every row of its table, each against its yardstick, one run.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--repeat N] [--out DIR] [--only GROUP]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--repeat N] [--out DIR] [--rows R,...]
 
 Starts its own registry on 127.0.0.1 (the tests' fixture), builds and pushes three images
 (a 1 GiB image of 10 incompressible layers, an image of many small files, and a Debian 12
@@ -10,7 +10,8 @@ every repeat so that both see the same machine load.  Prints a Markdown table (m
 min-max, ratio, the issue's target, whether it holds) and writes it to
 ``benchmarks/results.md``, ``docs/_static/benchmarks.rst.inc`` and a plot
 ``docs/_static/benchmarks.png`` (``--quick``: small images, 1 repeat, files under a temp dir
-unless ``--out`` is given).  It asserts nothing.
+unless ``--out`` is given; ``--rows``: only those rows, e.g. ``--rows clone-get,import-small``,
+written to a temp dir unless ``--out`` is given).  It asserts nothing.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ from common import (REPO, UDOCKER_ROOT_OPTS, Registry, debian_image, git_identit
 from report import Row, markdown, plot, rst_list_table
 
 PYTHON = str(REPO / ".venv" / "bin" / "python")
-# row groups --only selects (each needs only some of the images)
-GROUPS = ("import", "clone-get", "export", "warm-run", "first-run", "import-small", "create",
-          "rss")
+#: the rows, in the order they are measured (``--rows``)
+ROWS = ("import-big", "clone-get", "clone-get-cached", "export", "warm-run", "first-run",
+        "import-small", "create-small")
 ENV_DIR = ".datalad/environments"
 
 
@@ -41,12 +42,16 @@ def log(msg):
 
 
 class Suite:
-    def __init__(self, work: Path, repeat: int):
+    def __init__(self, work: Path, repeat: int, compare=None):
         self.work, self.repeat = work, repeat
         self.env = git_identity_env()
         self.env["DATALAD_UDOCKER_EXECMODE"] = "P1"
         # rows measure downloads from the registry: no blob cache, except where a row says so
         self.env["DATALAD_UDOCKER_BLOB__CACHE"] = "false"
+        #: the environment that runs another install (``--compare VENV``), or None
+        self.compare_env = None if compare is None else dict(
+            self.env, PATH=f"{Path(compare).resolve() / 'bin'}{os.pathsep}{self.env['PATH']}")
+        self.compare_label = f"the same with `{compare}`"
         self.rows = []
         self.n = 0
 
@@ -94,16 +99,26 @@ class Suite:
 
     def add(self, row):
         self.rows.append(row)
-        log(f"  {row.key}: ours {row.ours} vs {row.yardstick} {row.yard}")
+        log(f"  {row.key}: ours {row.ours} vs {row.yardstick} {row.yard}"
+            + "".join(f"; {label} {samples}" for label, samples in row.also))
 
     # -- rows ----------------------------------------------------------------------------
+    def compared(self, samples):
+        """``Row.also`` for the samples of the ``--compare`` install (none without it)."""
+        return [(self.compare_label, samples)] if self.compare_env else []
+
     def import_rows(self, ref, what, key):
         """udocker-import (net of datalad create) vs skopeo copy; returns (kept ds, RSS)."""
-        ours, yard, rss, yard_rss, kept = [], [], [], [], None
+        ours, yard, rss, yard_rss, other, kept = [], [], [], [], [], None
         for _ in range(self.repeat):
             s, m = self.skopeo_copy(ref)
             yard.append(s)
             yard_rss.append(m)
+            if self.compare_env:
+                ds = self.create()
+                other.append(self.time(["datalad", "udocker-import", "-n", key, ref], cwd=ds,
+                                       env=self.compare_env)[0])
+                shutil.rmtree(ds)
             ds = self.create()
             s, m = self.time(["datalad", "udocker-import", "-n", key, ref], cwd=ds)
             ours.append(s)
@@ -113,22 +128,26 @@ class Suite:
             else:
                 shutil.rmtree(ds)
         self.add(Row(f"import {key}", f"`udocker-import` of {what} (net of `datalad create`)",
-                     ours, "`skopeo copy docker:// oci:`", yard, target=1.0))
+                     ours, "`skopeo copy docker:// oci:`", yard, target=1.0,
+                     also=self.compared(other)))
         return kept, rss, yard_rss
 
     def clone_get_row(self, ds, ref, key, what):
         bare = self.bare(ds)
-        ours, yard = [], []
+        ours, yard, other = [], [], []
         for _ in range(self.repeat):
             yard.append(self.skopeo_copy(ref)[0])
-            clone = self.fresh("clone")
-            ours.append(self.time(["sh", "-c", 'datalad clone "$1" "$2" && '
-                                   'datalad get -d "$2" "$2/$3"', "sh", bare, clone,
-                                   f"{ENV_DIR}/{key}/image"])[0])
-            shutil.rmtree(clone)
+            for env, samples in [(self.compare_env, other), (self.env, ours)]:
+                if env is None:
+                    continue
+                clone = self.fresh("clone")
+                samples.append(self.time(["sh", "-c", 'datalad clone "$1" "$2" && '
+                                          'datalad get -d "$2" "$2/$3"', "sh", bare, clone,
+                                          f"{ENV_DIR}/{key}/image"], env=env)[0])
+                shutil.rmtree(clone)
         self.add(Row(f"clone+get {key}", f"fresh `datalad clone` + `datalad get` of {what}'s "
                      "layout from the registry", ours, "`skopeo copy docker:// oci:`", yard,
-                     target=1.0))
+                     target=1.0, also=self.compared(other)))
 
     def clone_get_cached_row(self, ds, key, what):
         """clone + get with the layers in the blob cache (filled by one clone + get first) vs
@@ -206,23 +225,27 @@ class Suite:
         bare = self.bare(ds)
         name = ref.split("/", 1)[1]
         registry = "http://" + ref.split("/", 1)[0]
-        ours, yard = [], []
+        ours, yard, other = [], [], []
         for i in range(self.repeat):
             udir = self.fresh("udocker-yard")
             pull, uenv = self.udocker(udir, "pull", f"--registry={registry}", name)
             create, _ = self.udocker(udir, "create", f"--name=bench{i}", name)
             yard.append(self.time(chained(pull, create), env=uenv)[0])
             shutil.rmtree(udir, ignore_errors=True)
-            clone = self.fresh("clone")
-            env = dict(self.env, DATALAD_UDOCKER_DIR=str(self.fresh("udocker-cold")))
-            ours.append(self.time(["sh", "-c", 'datalad clone "$1" "$2" && cd "$2" && '
-                                   'datalad containers-run -n "$3" true', "sh", bare, clone,
-                                   key], env=env)[0])
-            shutil.rmtree(clone)
-            shutil.rmtree(env["DATALAD_UDOCKER_DIR"], ignore_errors=True)
+            for base, samples in [(self.compare_env, other), (self.env, ours)]:
+                if base is None:
+                    continue
+                clone = self.fresh("clone")
+                env = dict(base, DATALAD_UDOCKER_DIR=str(self.fresh("udocker-cold")))
+                samples.append(self.time(["sh", "-c", 'datalad clone "$1" "$2" && cd "$2" && '
+                                          'datalad containers-run -n "$3" true', "sh", bare,
+                                          clone, key], env=env)[0])
+                shutil.rmtree(clone)
+                shutil.rmtree(env["DATALAD_UDOCKER_DIR"], ignore_errors=True)
         self.add(Row(f"first run {key}", f"first run in a fresh clone with an empty cache "
                      f"(clone + get + create + run), {what}", ours,
-                     "`udocker pull` + `udocker create`", yard, target=1.0))
+                     "`udocker pull` + `udocker create`", yard, target=1.0,
+                     also=self.compared(other)))
 
     def create_row(self, ds, ref, key, what):
         """Empty cache, layers present: our first run (verify, feed, create, run) vs
@@ -275,60 +298,76 @@ def main():
     ap.add_argument("--repeat", type=int, default=None, help="repeats per measurement (3)")
     ap.add_argument("--out", default=None, help="directory for results.md, the .rst.inc and "
                     "the PNG (default: the repository's; with --quick a temp dir)")
-    ap.add_argument("--only", action="append", choices=GROUPS, default=None,
-                    help="measure only these rows (repeatable; only the images they need "
-                    "are built); files go to a temp dir unless --out is given")
+    ap.add_argument("--compare", default=None, metavar="VENV",
+                    help="also measure the import, clone+get and first-run rows with the "
+                    "datalad, git-annex-remote-udocker and datalad-udocker-run of another "
+                    "install (e.g. a venv of the code before a change), in the same repeats: "
+                    "before/after in one run")
+    ap.add_argument("--rows", default=None, metavar="R,...",
+                    help="measure only these rows (%s); the images and datasets they need "
+                    "are made untimed" % ", ".join(ROWS))
     args = ap.parse_args()
-    only = set(args.only or GROUPS)
+    rows = set(args.rows.split(",")) if args.rows else set(ROWS)
+    if rows - set(ROWS):
+        ap.error("unknown rows: %s (known: %s)" % (", ".join(sorted(rows - set(ROWS))),
+                                                   ", ".join(ROWS)))
     repeat = args.repeat or (1 if args.quick else 3)
     big_mib = [2] * 10 if args.quick else [102] * 6 + [103] * 4
     small_files = 500 if args.quick else 20000
     started = time.time()
+    # what `pip install` leaves: bytecode for every module.  The editable install under
+    # PYTHONDONTWRITEBYTECODE (set on these machines) would otherwise compile the package
+    # anew in every process: ~40 ms per command, ~10 ms per start of the special remote
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(REPO / "datalad_udocker")],
+                   check=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE=""))
     work = Path(tempfile.mkdtemp(prefix="bench-all-"))
     reg = Registry("plain").start()
-    suite = Suite(work, repeat)
+    suite = Suite(work, repeat, args.compare)
     try:
         log(f"registry on {reg.host}; work dir {work}; building images")
-        big_what = small_what = deb_what = ""
-        if only & {"import", "clone-get", "export", "rss"}:
+        if rows & {"import-big", "clone-get", "clone-get-cached", "export"}:
             big, big_size = push_image(reg, random_image, "bench/big", layer_mib=big_mib)
             big_what = f"the {big_size / 2**20:.0f} MiB 10-layer image"
-        if only & {"import-small", "create"}:
+            log(f"image big: {big_size / 2**20:.0f} MiB (compressed)")
+        if rows & {"import-small", "create-small"}:
             small, small_size = push_image(reg, small_files_image, "bench/small",
                                            files=small_files)
             small_what = f"the {small_files} small files image ({small_size / 2**20:.0f} MiB)"
-        if only & {"warm-run", "first-run"}:
+            log(f"image small: {small_size / 2**20:.1f} MiB (compressed)")
+        if rows & {"warm-run", "first-run"}:
             deb, deb_size = push_image(reg, debian_image, "bench/deb", quick=args.quick)
             deb_what = f"the Debian image ({deb_size / 2**20:.0f} MiB)"
-        log(f"images built: {big_what or '-'}, {small_what or '-'}, {deb_what or '-'}; "
-            f"measuring {', '.join(g for g in GROUPS if g in only)}, {repeat} repeat(s)")
-        if only & {"import", "clone-get", "export", "rss"}:
-            big_ds, import_rss, skopeo_rss = suite.import_rows(big, big_what, "big")
-            if "import" not in only:
-                suite.rows = [r for r in suite.rows if r.key != "import big"]
-            if "clone-get" in only:
+            log(f"image debian: {deb_size / 2**20:.1f} MiB (compressed)")
+        log(f"measuring {', '.join(r for r in ROWS if r in rows)}; {repeat} repeat(s)")
+        if rows & {"import-big", "clone-get", "clone-get-cached", "export"}:
+            if "import-big" in rows:
+                big_ds, import_rss, skopeo_rss = suite.import_rows(big, big_what, "big")
+            else:
+                big_ds = suite.imported(big, "big")
+            if "clone-get" in rows:
                 suite.clone_get_row(big_ds, big, "big", big_what)
+            if "clone-get-cached" in rows:
                 suite.clone_get_cached_row(big_ds, "big", big_what)
-            if only & {"export", "rss"}:
+            if "export" in rows:
                 export_rss, skopeo_export_rss = suite.export_rows(big_ds, "big", big_what)
-                if "export" not in only:
-                    suite.rows = [r for r in suite.rows if r.key != "export big"]
             shutil.rmtree(big_ds)
-        if only & {"warm-run", "first-run"}:
+        if rows & {"warm-run", "first-run"}:
             deb_ds = suite.imported(deb, "deb")
-            if "warm-run" in only:
+            if "warm-run" in rows:
                 suite.warm_run_rows(deb_ds, "deb")
-            if "first-run" in only:
+            if "first-run" in rows:
                 suite.first_run_row(deb_ds, deb, "deb", deb_what)
-        if only & {"import-small", "create"}:
-            small_ds, _, _ = suite.import_rows(small, small_what, "small")
-            if "import-small" not in only:
-                suite.rows = [r for r in suite.rows if r.key != "import small"]
-            if "create" in only:
+        if rows & {"import-small", "create-small"}:
+            if "import-small" in rows:
+                small_ds, _, _ = suite.import_rows(small, small_what, "small")
+            else:
+                small_ds = suite.imported(small, "small")
+            if "create-small" in rows:
                 suite.create_row(small_ds, small, "small", small_what)
-        if "rss" in only:
+        if "import-big" in rows:
             suite.add(Row("peak RSS import", f"peak RSS of `udocker-import`, {big_what}",
                           import_rss, "skopeo copy", skopeo_rss, kind="rss", target=150))
+        if "export" in rows:
             suite.add(Row("peak RSS export", f"peak RSS of `udocker-export`, {big_what}",
                           export_rss, "skopeo copy to docker-archive", skopeo_export_rss,
                           kind="rss", target=150))
@@ -337,15 +376,16 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     minutes = (time.time() - started) / 60
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    rows = f" ({', '.join(g for g in GROUPS if g in only)} only)" if args.only else ""
-    preamble = (f"{'Quick smoke run' if args.quick else 'Run'}{rows} of {when}, "
-                f"{repeat} repeat(s), {minutes:.1f} min in all; {machine()}.")
+    kind = "Quick smoke run" if args.quick else "Run" if args.rows is None else \
+        "Run of rows " + ", ".join(r for r in ROWS if r in rows)
+    preamble = (f"{kind} of {when}, {repeat} repeat(s), "
+                f"{minutes:.1f} min in all; {machine()}.")
     write(suite.rows, preamble, args)
 
 
 def write(rows, preamble, args):
     out = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick or args.only else None)
+        Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick or args.rows else None)
     md_path = (out or REPO / "benchmarks") / "results.md"
     static = out or REPO / "docs" / "_static"
     static.mkdir(parents=True, exist_ok=True)

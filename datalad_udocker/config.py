@@ -34,7 +34,8 @@ reader.
     consulted after the user's own cache, and filled by whoever may write
     it (env: DATALAD_UDOCKER_BLOB__CACHE__SITE).
 ``datalad.udocker.jobs``
-    Parallel layer downloads during import (default 4).
+    Parallel layer downloads during import, and byte ranges of one large
+    layer fetched at once by the registry special remote (default 4).
 ``datalad.udocker.tools-tarball``
     Where udocker's tools tarball is installed from when the host lacks an
     execution tool: files or URLs, or ``udocker`` for udocker's download

@@ -63,6 +63,17 @@ class Hasher:
         return Digest("sha256:" + self._hash.hexdigest())
 
 
+def check_hashed(hasher, digest, size):
+    """Raise DigestMismatch unless ``hasher`` (a Hasher) saw exactly ``size``
+    bytes with ``digest``: the one verdict on a downloaded blob."""
+    got = hasher.digest
+    if hasher.count != size or got != digest:
+        raise DigestMismatch(
+            "blob %s failed verification (%d of %d bytes, digest %s); "
+            "the registry or a proxy served wrong bytes: retry later"
+            % (digest, hasher.count, size, got))
+
+
 def sha256_digest(data):
     hasher = Hasher()
     hasher.update(data)
@@ -214,12 +225,7 @@ class VerifyingWriter:
 
     def verify(self):
         self._file.flush()
-        got = self._hash.digest
-        if self.written != self.size or got != self.digest:
-            raise DigestMismatch(
-                "blob %s failed verification (%d of %d bytes, digest %s); "
-                "the registry or a proxy served wrong bytes: retry later"
-                % (self.digest, self.written, self.size, got))
+        check_hashed(self._hash, self.digest, self.size)
 
     def __enter__(self):
         return self

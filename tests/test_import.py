@@ -156,3 +156,21 @@ def test_import_by_digest_wins_over_tag(ds, registry):
     assert res["manifest_digest"] == v1.manifest_digest
     manifest, _ = assert_valid_layout(ds.path, res["path"])
     assert [l["digest"] for l in manifest["layers"]] == [l.digest for l in v1.layers]
+
+
+def test_import_refuses_uncommitted_changes_in_its_path(ds, registry):
+    """A changed or untracked file where the image goes is the user's: the import stops and
+    says so, and leaves it (checked without git-annex's filter: the layout holds none)."""
+    v1, v2 = registry.images["test/multi:1"], registry.images["test/multi:2"]
+    layout = Path(imp(ds, v1.reference)["path"])
+    for change in ("modified", "untracked"):
+        target = layout / ("index.json" if change == "modified" else "notes.txt")
+        target.write_text('{"mine": 1}')
+        res = imp(ds, v2.reference)
+        assert res["status"] == "error" and "uncommitted changes" in res["message"], res
+        assert target.read_text() == '{"mine": 1}'
+        if change == "modified":
+            git(ds.path, "checkout", "--", str(target))
+        else:
+            target.unlink()
+    assert imp(ds, v2.reference)["status"] == "ok"

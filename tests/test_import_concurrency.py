@@ -131,15 +131,19 @@ def test_sigkill_mid_layer_then_rerun_resumes(ds, registry, fault_proxy):
     assert_clean(ds.path)
 
 
-def test_sigkill_in_commit_step_then_rerun_succeeds(ds, registry, tmp_path):
-    """Killed while registering URLs: layer keys set, symlinks staged, JSON written."""
+@pytest.mark.parametrize("where", ["registerurl", "setpresentkey"])
+def test_sigkill_in_commit_step_then_rerun_succeeds(ds, registry, tmp_path, where):
+    """Killed while registering URLs (beside ``fromkey`` putting the layout in place), or
+    while recording which remotes have the layers: then layer keys are set, symlinks
+    staged, JSON written, URLs registered."""
     pushed = registry.images["test/multi:1"]
-    mark = tmp_path / "in-registerurl"
-    env = dict(os.environ, PATH=shim_path(tmp_path, "git-annex", '[ "$1" = registerurl ]',
+    mark = tmp_path / f"in-{where}"
+    env = dict(os.environ, PATH=shim_path(tmp_path, "git-annex", f'[ "$1" = {where} ]',
                                           f"touch {mark}; exec sleep 300"))
-    kill_import_at(mark, "never reached registerurl", ds, pushed.reference, env=env)
-    # the state of issue 6: staged layer symlinks the next import used to refuse
-    assert "blobs/sha256" in git(ds.path, "status", "--porcelain")
+    kill_import_at(mark, f"never reached {where}", ds, pushed.reference, env=env)
+    if where == "setpresentkey":
+        # the state of issue 6: staged layer symlinks the next import used to refuse
+        assert "blobs/sha256" in git(ds.path, "status", "--porcelain")
     res = imp(ds, pushed.reference)
     assert res["status"] == "ok", res
     assert_valid_layout(ds.path, res["path"])

@@ -318,6 +318,103 @@ def test_corrupted_byte_is_never_kept(fault_proxy, big_blob, tmp_path):
     assert not dest.exists()
 
 
+# -- one blob as parallel byte ranges (what the special remote does for a large layer) --------
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Ranges of 4 MiB: the 24 MiB ``big_blob`` is fetched as up to 6 ranges."""
+    from datalad_udocker.registry import client
+    monkeypatch.setattr(client, "PART_MIN", 4 << 20)
+
+
+def blob_gets(proxy):
+    return proxy.seen(method="GET", path="/blobs/")
+
+
+def test_download_in_parts(fault_proxy, big_blob, small_parts, tmp_path):
+    """Four ranges on four connections, each asked for by an exact Range and answered 206;
+    the file is the blob, and progress counts each byte once."""
+    digest, size = big_blob
+    c = client_for(fault_proxy.host)
+    dest = tmp_path / "blob"
+    got = []
+    c.download_blob(c.blob_url("test/big", digest), digest, size, str(dest), got.append,
+                    parts=4)
+    assert sum(got) == size and file_digest(dest) == digest
+    bounds = [size * i // 4 for i in range(5)]
+    assert sorted(g.headers.get("range") for g in blob_gets(fault_proxy)) == sorted(
+        f"bytes={bounds[i]}-{bounds[i + 1] - 1}" for i in range(4))
+    assert {g.status for g in blob_gets(fault_proxy)} == {206}
+
+
+def test_corrupted_byte_in_a_part_is_never_kept(fault_proxy, big_blob, small_parts, tmp_path):
+    """The same verdict as one stream: a byte flipped in any range fails the whole blob."""
+    digest, size = big_blob
+    fault_proxy.corrupt(offset=54321, times=None)
+    c = client_for(fault_proxy.host)
+    dest = tmp_path / "blob"
+    with pytest.raises(DigestMismatch, match=digest):
+        c.download_blob(c.blob_url("test/big", digest), digest, size, str(dest), parts=3)
+    assert not dest.exists()
+    assert len(blob_gets(fault_proxy)) == 3
+
+
+def test_dropped_part_resumes_its_range(fault_proxy, big_blob, small_parts, tmp_path):
+    digest, size = big_blob
+    fault_proxy.drop_after(1 << 20, times=2)
+    c = client_for(fault_proxy.host)
+    dest = tmp_path / "blob"
+    c.download_blob(c.blob_url("test/big", digest), digest, size, str(dest), parts=2)
+    assert file_digest(dest) == digest
+    gets = blob_gets(fault_proxy)
+    dropped = [g for g in gets if g.fault == "drop"]
+    assert len(dropped) == 2 and len(gets) == 4
+    for g in dropped:           # its range asked again, from where the drop cut it
+        first, last = map(int, g.headers["range"][len("bytes="):].split("-"))
+        assert f"bytes={first + g.bytes_sent}-{last}" in [x.headers.get("range") for x in gets]
+
+
+def test_server_without_ranges_gets_one_stream(fault_proxy, registry, big_blob, small_parts,
+                                               tmp_path):
+    """A server that answers every Range request with the whole blob (200)."""
+    digest, size = big_blob
+    data = registry.get(f"/v2/test/big/blobs/{digest}").content
+    fault_proxy.serve(data, r"/blobs/", "application/octet-stream")
+    c = client_for(fault_proxy.host)
+    dest = tmp_path / "blob"
+    got = []
+    c.download_blob(c.blob_url("test/big", digest), digest, size, str(dest), got.append,
+                    parts=4)
+    assert file_digest(dest) == digest
+    assert blob_gets(fault_proxy)[-1].headers.get("range") is None
+
+
+def test_interrupted_parts_leave_a_prefix_to_resume(fault_proxy, big_blob, small_parts,
+                                                    tmp_path):
+    """Interrupted (here by the progress callback, as by Ctrl-C), the file keeps only the
+    bytes hashed so far and no range thread writes to it afterwards; the next call resumes
+    from there with one stream and gets the blob."""
+    digest, size = big_blob
+    c = client_for(fault_proxy.host)
+    url = c.blob_url("test/big", digest)
+    dest = tmp_path / "blob"
+    hashed = []
+
+    def progress(n):
+        hashed.append(n)
+        if sum(hashed) > 5 << 20:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        c.download_blob(url, digest, size, str(dest), progress, parts=4)
+    kept = dest.stat().st_size
+    assert kept == sum(hashed)
+    open_here = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+    assert os.path.realpath(dest) not in open_here   # every range thread's descriptor is closed
+    fault_proxy.clear()
+    c.download_blob(url, digest, size, str(dest), parts=4)
+    assert file_digest(dest) == digest
+    assert [g.headers.get("range") for g in blob_gets(fault_proxy)] == [f"bytes={kept}-"]
+
+
 def test_corrupted_config_is_refused(fault_proxy, registry):
     cfg = registry.images["test/single:1"].config
     fault_proxy.corrupt(offset=3, path=cfg.digest)

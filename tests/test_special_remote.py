@@ -211,3 +211,33 @@ def test_layers_come_from_other_remotes_when_the_registry_is_gone(ds, make_regis
     clone = dl.clone(holder.path, tmp_path / "from-holder", result_renderer="disabled")
     res, seconds = timed_get(clone)
     assert_got_all(clone, res, seconds, n)
+
+
+def test_large_layer_comes_in_ranges_and_is_verified(ds, registry, fault_proxy, tmp_path):
+    """A plain ``datalad get`` fetches a layer of two ranges or more (>= 32 MiB) as parallel
+    byte ranges; a corrupted byte fails the layer, whichever range it is in (nothing is kept),
+    and the next get takes it whole."""
+    from fixtures import images as im
+    layer = im.make_layer({"data/big.bin": os.urandom(33 << 20)}, compression="none")
+    im.build_image(tmp_path / "layout", "src", [layer], cmd=["/bin/sh"])
+    digest = registry.push(tmp_path / "layout", "src", "test/large", "1").layers[0].digest
+    res = imp(ds, f"{fault_proxy.host}/test/large:1", name="large")
+    assert res["status"] == "ok", res
+    large = ".datalad/environments/large/image"
+    clone = dl.clone(str(publish_git_only(ds, tmp_path / "bare.git")), tmp_path / "clone",
+                     result_renderer="disabled")
+    fault_proxy.clear()
+    fault_proxy.corrupt(offset=12345, times=None, path=digest)
+    proc = subprocess.run(["datalad", "get", large], cwd=clone.path, capture_output=True,
+                          text=True, timeout=GET_BOUND)
+    assert proc.returncode != 0
+    assert "failed verification" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert git(clone.path, "annex", "find", "--in", "here", large) == ""
+    gets = fault_proxy.seen(method="GET", path=digest)
+    assert len(gets) >= 2 and all(r.headers.get("range", "").startswith("bytes=")
+                                  for r in gets), [r.headers for r in gets]
+    assert {r.status for r in gets} == {206}
+    fault_proxy.clear()
+    res = clone.get(large, result_renderer="disabled", return_type="list")
+    assert {r["status"] for r in res} == {"ok"}, res
+    assert_valid_layout(clone.path, Path(clone.path) / large)

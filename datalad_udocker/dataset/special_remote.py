@@ -18,6 +18,10 @@ for the session, so credentials are looked up and a token is fetched once per
 registry (and repository scope), not once per layer.  DataLad is never
 imported: the remote starts in a fraction of a second.
 
+git-annex asks for one key at a time (``datalad get`` passes no ``-J``): a
+large layer is fetched as ``datalad.udocker.jobs`` byte ranges at once
+(:meth:`.RegistryClient.download_blob` ``parts``), hashed once, in order.
+
 When a registry is gone (nobody listening, or the image deleted) the remote
 says so quickly, and git-annex goes on to the next remote that has the layer
 (a RIA store, a clone, a directory remote): a registry that could not be
@@ -82,6 +86,7 @@ class RegistryBlobRemote(SpecialRemote):
     def __init__(self, annex):
         super().__init__(annex)
         self._insecure = None
+        self._parts = 1            # byte ranges fetched at once per blob
         self._clients = {}         # registry host -> RegistryClient
         self._down = {}            # registry host -> (monotonic time, message)
         self._cache = BlobCache(())
@@ -98,10 +103,12 @@ class RegistryBlobRemote(SpecialRemote):
         # datalad.udocker.insecure-registries): an http:// URL in a cloned
         # dataset must not downgrade a remote registry
         try:
-            self._insecure = config.insecure_registries()
-            # layers already on this machine (or site) are not downloaded
-            # again: see blobcache
-            self._cache = BlobCache.configured()
+            with config.reading_once():     # one `git config` call
+                self._insecure = config.insecure_registries()
+                self._parts = config.download_jobs()
+                # layers already on this machine (or site) are not downloaded
+                # again: see blobcache
+                self._cache = BlobCache.configured()
         except UdockerError as exc:
             raise RemoteError(str(exc))
         # git-annex runs us in the work tree with a relative GIT_DIR: git
@@ -166,7 +173,7 @@ class RegistryBlobRemote(SpecialRemote):
             for url in urls:
                 try:
                     self._client(url).download_blob(url, digest, size, dest,
-                                                    progress)
+                                                    progress, parts=self._parts)
                     return
                 except UdockerError as exc:
                     errors.append(self._failed(url, exc))

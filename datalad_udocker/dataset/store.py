@@ -10,7 +10,8 @@ This is where a layer byte goes (read top to bottom):
    key ``SHA256-s<size>--<hex>`` (= its registry digest), each staged file
    is moved into the annex as that key's content (no re-hashing, no
    git-annex process per layer), its registry URL is registered (claimed by
-   our special remote, which is marked as having it), the JSON goes to git,
+   our special remote, which is marked as having it; meanwhile, as git-annex
+   starts that remote to ask it), the JSON goes to git,
    datalad-container learns the image, and one ``git commit`` of exactly
    the paths the import changed records it all.
 
@@ -184,10 +185,15 @@ def _already_stored(ds, layout_dir, image, name, relpath):
 
 
 def _dirty(ds, layout_dir):
+    # without git-annex's filter: git re-reads racily clean files of the
+    # whole index (a dataset just created), and the layout holds JSON in git
+    # and symlinks, which no filter touches (an unlocked layer whose stat
+    # changed would show as modified: a refusal to import, never a loss)
     out = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=all", "--",
          str(layout_dir)], cwd=ds.path, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True)
+        stderr=subprocess.DEVNULL, text=True,
+        env=annex.without_annex_filter())
     return bool(out.stdout.strip())
 
 
@@ -311,7 +317,11 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged, remote_uuid):
     new = {keys[d]: f for d, f in staged.items() if keys[d] not in present}
     journal = Journal.begin(ds, relpath, list(new))
     config_file = Path(ds.path) / CONFIG
+    registering = None
     try:
+        # URLs first, in the background: git-annex starts our special remote
+        # to claim them, while the layout and the keys are put in place
+        registering = _Background(_register_urls, ds, image, keys, remote_uuid)
         old_blobs = _layout_blob_files(layout_dir)
         written = write_json_files(layout_dir, image.manifest, image.config_raw,
                                    image.annotations)
@@ -340,7 +350,7 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged, remote_uuid):
         annex.store_verified(ds.path, new)
         local = annex.local_uuid(ds.path) if new else None
         annex.set_present(ds.path, [(k, local) for k in new]
-                          + _register_urls(ds, image, keys, remote_uuid))
+                          + registering.result())
         ds.config.set("datalad.containers.%s.image" % name, relpath,
                       scope="branch", reload=False)
         ds.config.set("datalad.containers.%s.cmdexec" % name, config.CMDEXEC,
@@ -352,6 +362,8 @@ def _commit(ds, image, layout_dir, relpath, name, keys, staged, remote_uuid):
                     "[DATALAD] udocker-import %s\n\nmanifest %s"
                     % (image.description, image.manifest.digest))
     except BaseException:
+        if registering is not None:
+            registering.wait()      # no git-annex of ours runs during the undo
         try:
             journal.undo(ds.path)
         except Exception as exc:      # the next import retries the undo
@@ -380,8 +392,12 @@ def _git_commit(ds, paths, message):
     if staged.returncode == 0 and not mine:
         return
     only = staged.returncode != 0 or len(mine) != len(names)
+    # the index as it is: git re-reads no file into the commit, so git-annex's
+    # filter need not start (it would, for racily clean entries such as the
+    # JSON just added); with PATHS git reads those files again, filtered
     annex.git(ds.path, "commit", "-q", "-m", message,
-              *(["--"] + paths if only else []))
+              *(["--"] + paths if only else []),
+              env=None if only else annex.without_annex_filter())
 
 
 def _setup_remote(ds_path, lock):

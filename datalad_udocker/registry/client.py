@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
 
@@ -20,8 +21,8 @@ import requests
 import urllib3
 
 from .. import oci
-from ..digest import (CHUNK, DIGEST_RE, VerifyingWriter, check_digest,
-                      sha256_digest)
+from ..digest import (CHUNK, DIGEST_RE, Hasher, VerifyingWriter, check_digest,
+                      check_hashed, sha256_digest)
 from ..errors import (DigestMismatch, NotFoundError, PlatformNotFound,
                       UdockerError, UnsupportedMediaType)
 from ..reference import DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback_host
@@ -278,7 +279,7 @@ class RegistryClient:
         return True
 
     def download_blob(self, url, digest, size, dest_path,
-                      progress: Optional[Progress] = None) -> None:
+                      progress: Optional[Progress] = None, parts=1) -> None:
         """Stream the blob at ``url`` into ``dest_path``, verified.
 
         Bytes are hashed as they arrive (~1 MiB at a time).  An existing
@@ -288,14 +289,27 @@ class RegistryClient:
         deleted (after one fresh attempt if a pre-existing partial file was
         resumed).  ``progress(n)`` is called with each count of new bytes
         (bytes found in a partial file are reported once, at the start).
+
+        ``parts`` > 1: a new download of a large blob is fetched as that many
+        byte ranges at once (see :meth:`_download_parts`), still hashed once,
+        in order, before it counts as downloaded.
         """
         repository, url_digest = self._check_url(url)
         if url_digest != check_digest(digest):
             raise UdockerError("blob URL %s does not name digest %s"
                                % (redact_url(url), digest))
         resumed = os.path.exists(dest_path) and os.path.getsize(dest_path) > 0
+        parts = 1 if resumed else min(parts, size // PART_MIN)
 
         def fetch(progress):
+            if parts > 1:
+                try:
+                    return self._download_parts(url, repository, digest, size,
+                                                dest_path, parts, progress)
+                except _NoRanges:
+                    lgr.debug("%s ignores Range requests: one stream",
+                              redact_url(url))
+                    _unlink(dest_path)
             with VerifyingWriter(dest_path, digest, size) as writer:
                 self._download(url, repository, writer, progress)
         try:
@@ -312,14 +326,17 @@ class RegistryClient:
                 _unlink(dest_path)
                 raise
 
-    def _download(self, url, repository, writer, progress):
+    def _download(self, url, repository, writer, progress, span=None):
         """Fill ``writer`` (a VerifyingWriter) with the blob at ``url``.
 
         Retries lost connections, truncated bodies, 5xx and 429 on one
         :class:`.transport.Attempts` budget (progress renews it), resuming
         with ``Range`` from what ``writer`` holds; verifies at the end.
+        With ``span`` (first byte, end), ``writer`` takes only those bytes
+        of the blob and every request asks for them by ``Range``.
         """
         reported = 0
+        offset, end = span or (0, None)
 
         def report(written):
             nonlocal reported
@@ -330,15 +347,17 @@ class RegistryClient:
         attempts = self.transport.attempts(url, "blob " + writer.digest)
         report(writer.written)
         while writer.written < writer.size:
-            start = writer.written
+            start = offset + writer.written
             headers = {"Accept-Encoding": "identity"}
-            if start:
+            if span:
+                headers["Range"] = "bytes=%d-%d" % (start, end - 1)
+            elif start:
                 headers["Range"] = "bytes=%d-" % start
             resp = self.transport.request("GET", url, headers=headers,
                                           scope=pull_scope(repository),
                                           stream=True, attempts=attempts)
             try:
-                if start and not _continues_at(resp, start):
+                if "Range" in headers and not _continues_at(resp, start):
                     lgr.debug("%s ignored Range (HTTP %d), restarting at 0",
                               redact_url(url), resp.status_code)
                     writer.reset()
@@ -349,20 +368,163 @@ class RegistryClient:
                     writer.write(chunk)
                     report(writer.written)
             except _STREAM_ERRORS as exc:
-                if writer.written > start:
+                if offset + writer.written > start:
                     attempts.progressed()
                 attempts.retry("interrupted at %d bytes (%s)"
                                % (writer.written, type(exc).__name__))
                 continue
             finally:
                 resp.close()
-            if writer.written == start:
+            if offset + writer.written == start:
                 break        # a clean, empty answer: verify() says what is wrong
             if writer.written < writer.size:
                 attempts.progressed()
                 attempts.retry("body ended at %d of %d bytes"
                                % (writer.written, writer.size))
         writer.verify()
+
+    def _download_parts(self, url, repository, digest, size, dest_path, parts,
+                        progress):
+        """Fetch the blob as ``parts`` byte ranges at once into a new
+        ``dest_path``, each in its own thread and connection (with the retries
+        of :meth:`_download`); this thread hashes the file in order as the
+        ranges fill it, so the verdict is the same as for one stream.
+
+        Raises _NoRanges if the server does not serve ranges, DigestMismatch
+        as :class:`.digest.VerifyingWriter` does, or the first error of a
+        range; then no range thread writes to the file any more, and the
+        file holds just the bytes hashed so far (a resume continues there).
+        """
+        bounds = [size * i // parts for i in range(parts + 1)]
+        shared = _PartsState(parts)
+        open(dest_path, "wb").close()
+        writers = [_PartWriter(dest_path, digest, bounds[i], bounds[i + 1],
+                               i, shared) for i in range(parts)]
+
+        def run(writer):
+            try:
+                self._download(url, repository, writer, None,
+                               span=(writer.start, writer.end))
+            except BaseException as exc:     # handed to the hashing thread
+                shared.fail(exc)
+            finally:
+                writer.stop()
+        threads = [threading.Thread(target=run, args=(w,), daemon=True)
+                   for w in writers]
+        for t in threads:
+            t.start()
+        hasher = Hasher()
+        fd = os.open(dest_path, os.O_RDONLY)
+        try:
+            for w in writers:
+                while hasher.count < w.end:
+                    have = w.start + shared.wait(w.index, hasher.count - w.start)
+                    while hasher.count < have:
+                        chunk = os.pread(fd, min(CHUNK, have - hasher.count),
+                                         hasher.count)
+                        if not chunk:
+                            raise DigestMismatch(
+                                "blob %s: %s shrank while it was downloaded"
+                                % (digest, dest_path))
+                        hasher.update(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+        except BaseException:
+            for w in writers:
+                w.stop()
+            try:
+                os.truncate(dest_path, hasher.count)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(fd)
+        for t in threads:
+            t.join()
+        check_hashed(hasher, digest, size)
+
+
+#: the smallest range :meth:`RegistryClient.download_blob` fetches on its own
+#: connection: below it, a range costs more in requests than it gains
+PART_MIN = 16 << 20
+
+
+class _NoRanges(Exception):
+    """The server answered a range request with the whole blob."""
+
+
+class _Cancelled(Exception):
+    """The hashing thread gave up on this blob (:meth:`_PartWriter.stop`)."""
+
+
+class _PartsState:
+    """How far each range of one blob is written, for the thread that
+    hashes it, and the first error of a range."""
+
+    def __init__(self, parts):
+        self.done = [0] * parts
+        self.error = None
+        self.cond = threading.Condition()
+
+    def wrote(self, index, count):
+        with self.cond:
+            self.done[index] = count
+            self.cond.notify_all()
+
+    def fail(self, exc):
+        with self.cond:
+            if self.error is None:
+                self.error = exc
+            self.cond.notify_all()
+
+    def wait(self, index, beyond):
+        """Wait until range ``index`` holds more than ``beyond`` bytes;
+        return how many it holds, or raise the first error of a range."""
+        with self.cond:
+            while self.done[index] <= beyond and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+            return self.done[index]
+
+
+class _PartWriter:
+    """Bytes [start, end) of a blob, written in place into the file through
+    its own descriptor, for :meth:`RegistryClient._download` with a span."""
+
+    def __init__(self, path, digest, start, end, index, shared):
+        self.digest, self.start, self.end = digest, start, end
+        self.size, self.written = end - start, 0
+        self.index, self.shared = index, shared
+        self.lock = threading.Lock()
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, data):
+        if self.written + len(data) > self.size:
+            raise DigestMismatch(
+                "the registry sent more than the %d bytes asked for at offset "
+                "%d of blob %s" % (self.size, self.start, self.digest))
+        with self.lock:
+            if self.fd is None:
+                raise _Cancelled()
+            os.pwrite(self.fd, data, self.start + self.written)
+        self.written += len(data)
+        self.shared.wrote(self.index, self.written)
+
+    def stop(self):
+        """Close the descriptor once no write is under way: after this,
+        nothing is written (a write in progress has finished)."""
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+    def reset(self):
+        raise _NoRanges()
+
+    def verify(self):
+        """Complete, as the caller's loop saw to; the digest is the hashing
+        thread's to check."""
 
 
 def _continues_at(resp, start):
