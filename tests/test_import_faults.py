@@ -238,7 +238,9 @@ def test_interrupt_leaves_dataset_untouched(ds, registry, fault_proxy):
     try:
         wait_until_held(fault_proxy, ds.path, layer, proc, min_bytes=50_000)
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=15)
+        # the rollback waits for the remote's set-up (git-annex initremote) started beside
+        # the download: seconds on a loaded machine, so a bound well above that
+        proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
