@@ -40,12 +40,9 @@ import gzip
 import tarfile
 import zlib
 
-from ..errors import UnsafeLayer
+from ..errors import UdockerError, UnsafeLayer
 
-__all__ = ["StackChecker", "CHECKER_VERSION"]
-
-# bump when the rules get stricter: remembered "checked" results of older versions are redone
-CHECKER_VERSION = 1
+__all__ = ["StackChecker"]
 
 OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
@@ -129,16 +126,26 @@ class StackChecker:
     def __init__(self):
         self.root = _Node(DIR)
 
-    def check_layer(self, digest, stream):
+    def check_layer(self, digest, stream, on_member=None):
         """Read one layer from the binary ``stream`` (to the end of its tar) and check it
-        against the layers checked before; raise UnsafeLayer naming ``digest``."""
+        against the layers checked before; raise UnsafeLayer naming ``digest``.
+
+        Returns the layer's plan, what extracting it does to the tree in the model's
+        order: its whiteouts that remove something, then its members that are extracted
+        (TarInfo objects).  ``on_member(tar, info)``, if given, is called for every member
+        as it is read (in stream mode: the member's data can be read then, and only then).
+        """
         member = None
         try:
-            members = self._read(stream)
+            members = self._read(stream, on_member)
+            plan = []
             for member in (m for m in members if self._is_whiteout(m)):
-                self._whiteout(member)
+                if self._whiteout(member):
+                    plan.append(member)
             for member in (m for m in members if not self._is_whiteout(m)):
-                self._member(member)
+                if self._member(member):
+                    plan.append(member)
+            return plan
         except _Refused as exc:
             where = "member %r" % member.name if member is not None else "its tar stream"
             raise UnsafeLayer(
@@ -148,7 +155,7 @@ class StackChecker:
 
     # --- reading ---------------------------------------------------------------------------
     @staticmethod
-    def _read(stream):
+    def _read(stream, on_member=None):
         """The layer's members (metadata only), every header accounted for."""
         try:
             plain = _Stream(stream).plain()
@@ -163,8 +170,10 @@ class StackChecker:
                                        "archive" % info.name)
                     expected = tar.offset
                     members.append(info)
+                    if on_member is not None:
+                        on_member(tar, info)
             return members
-        except _Refused:
+        except (_Refused, UdockerError):    # UdockerError: on_member's own
             raise
         except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exc:
             raise _Refused("it is not a readable tar archive (%s)" % exc) from None
@@ -213,14 +222,15 @@ class StackChecker:
         if target is not None and target in ("", ".", ".."):
             raise _Refused("a whiteout of %r" % (target or "its own directory"))
         if "/" not in name:
-            return              # udocker's '*/.wh.*' does not list it: nothing is removed
+            return False        # udocker's '*/.wh.*' does not list it: nothing is removed
         parent = self._parent(parts, create=False)
         if parent is None:
-            return
+            return False
         if target is None:
             parent.children.clear()         # udocker lists the directory and empties it
-            return
+            return True
         parent.children.pop(target, None)   # a symlink itself is removed, not followed
+        return True
 
     def _member(self, info):
         if info.type not in _KNOWN_TYPES:
@@ -232,7 +242,7 @@ class StackChecker:
             raise _Refused("a member inside a whiteout-named directory")
         if not parts:
             if info.isdir():
-                return          # the root directory itself
+                return True     # the root directory itself (its mode)
             raise _Refused("a %s named like the root directory" % _kind(info))
         skipped = _udocker_skips(parts)
         if info.type in _DEVICES and not skipped:
@@ -241,16 +251,19 @@ class StackChecker:
         if info.islnk():
             kind = self._hardlink_kind(info)
         parent = self._parent(parts, create=True)
-        if skipped and kind != LINK:
-            return              # never extracted (a symlink is remembered all the same)
+        if skipped:
+            if kind == LINK:    # never extracted, but remembered all the same
+                parent.children[parts[-1]] = _Node(kind)
+            return False
         name = parts[-1]
         old = parent.children.get(name)
         if old is not None and old.kind == DIR:
             if kind == DIR:
-                return          # an existing directory is kept, with its content
+                return True     # an existing directory is kept, with its content
             if kind != LINK and old.children:
-                return          # tar cannot replace a non-empty directory by a file
+                return False    # tar cannot replace a non-empty directory by a file
         parent.children[name] = _Node(kind)
+        return True
 
     def _hardlink_kind(self, info):
         parts = _parts(info.linkname, "hardlink target")
