@@ -152,27 +152,35 @@ class _Spool:
             return
         n = len(self.files)
         dest = os.path.join(self.path, str(n // _PER_DIR), str(n))
-        source = tar.extractfile(info) if info.size else None
-        try:
+        with self._writing():
             if n % _PER_DIR == 0:
                 os.mkdir(os.path.dirname(dest), 0o700)
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                          0o600)
-            with open(fd, "wb", buffering=0) as out:
-                while source is not None:
-                    data = source.read(_CHUNK)  # the layer's errors are the checker's
-                    if not data:
-                        break
+        with open(fd, "wb", buffering=0) as out:
+            source = tar.extractfile(info) if info.size else None
+            while source is not None:
+                data = source.read(_CHUNK)  # the layer's errors are the checker's
+                if not data:
+                    break
+                with self._writing():
                     out.write(data)
+            with self._writing():
                 os.fchmod(fd, (info.mode & _KEPT_BITS) | _OWNER_BITS)
                 os.utime(fd, (info.mtime, info.mtime))
-        except OSError as exc:
-            raise RunError("could not write the container's files in %s: %s"
-                           % (self.path, exc.strerror or exc)) from None
         self.files[id(info)] = dest
 
     def remove(self):
         shutil.rmtree(self.path)        # our own files only
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Errors writing the spool are ours, not the layer's (RunError passes the checker)."""
+        try:
+            yield
+        except OSError as exc:
+            raise RunError("could not write the container's files in %s: %s"
+                           % (self.path, exc.strerror or exc)) from None
 
 
 class _Root:
