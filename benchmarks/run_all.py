@@ -1,6 +1,6 @@
 """The benchmark suite of issue 8: every row of its table, each against its yardstick, one run.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--repeat N] [--out DIR]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--repeat N] [--out DIR] [--only GROUPS]
 
 Starts its own registry on 127.0.0.1 (the tests' fixture), builds and pushes three images
 (a 1 GiB image of 10 incompressible layers, an image of many small files, and a Debian 12
@@ -30,6 +30,10 @@ from common import (REPO, UDOCKER_ROOT_OPTS, Registry, debian_image, git_identit
 from report import Row, markdown, plot, rst_list_table
 
 PYTHON = str(REPO / ".venv" / "bin" / "python")
+# --only: "big" = import, clone+get and peak RSS of the big image; "small" = import of the
+# small files image; "create" = its first run with the layers present; "first-run" = the
+# Debian image in a fresh clone; "warm" = warm containers-run and the entry point
+GROUPS = ("big", "export", "warm", "first-run", "small", "create")
 ENV_DIR = ".datalad/environments"
 
 
@@ -250,7 +254,14 @@ def main():
     ap.add_argument("--repeat", type=int, default=None, help="repeats per measurement (3)")
     ap.add_argument("--out", default=None, help="directory for results.md, the .rst.inc and "
                     "the PNG (default: the repository's; with --quick a temp dir)")
+    ap.add_argument("--only", default=None, metavar="GROUPS",
+                    help="comma-separated row groups to measure (%s; default: all); like "
+                    "--quick, writes to a temp dir unless --out is given" % ", ".join(GROUPS))
     args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else set(GROUPS)
+    if only - set(GROUPS):
+        ap.error("unknown group(s) %s: choose from %s" % (
+            ", ".join(sorted(only - set(GROUPS))), ", ".join(GROUPS)))
     repeat = args.repeat or (1 if args.quick else 3)
     big_mib = [2] * 10 if args.quick else [102] * 6 + [103] * 4
     small_files = 500 if args.quick else 20000
@@ -260,28 +271,49 @@ def main():
     suite = Suite(work, repeat)
     try:
         log(f"registry on {reg.host}; work dir {work}; building images")
-        big, big_size = push_image(reg, random_image, "bench/big", layer_mib=big_mib)
-        small, small_size = push_image(reg, small_files_image, "bench/small", files=small_files)
-        deb, deb_size = push_image(reg, debian_image, "bench/deb", quick=args.quick)
-        big_what = f"the {big_size / 2**20:.0f} MiB 10-layer image"
-        small_what = f"the {small_files} small files image ({small_size / 2**20:.0f} MiB)"
-        deb_what = f"the Debian image ({deb_size / 2**20:.0f} MiB)"
-        log(f"images: big {big_size / 2**20:.0f} MiB, small {small_size / 2**20:.1f} MiB, "
-            f"debian {deb_size / 2**20:.1f} MiB (compressed); measuring, {repeat} repeat(s)")
-        big_ds, import_rss, skopeo_rss = suite.import_rows(big, big_what, "big")
-        suite.clone_get_row(big_ds, big, "big", big_what)
-        export_rss, skopeo_export_rss = suite.export_rows(big_ds, "big", big_what)
-        shutil.rmtree(big_ds)
-        deb_ds = suite.imported(deb, "deb")
-        suite.warm_run_rows(deb_ds, "deb")
-        suite.first_run_row(deb_ds, deb, "deb", deb_what)
-        small_ds, _, _ = suite.import_rows(small, small_what, "small")
-        suite.create_row(small_ds, small, "small", small_what)
-        suite.add(Row("peak RSS import", f"peak RSS of `udocker-import`, {big_what}",
-                      import_rss, "skopeo copy", skopeo_rss, kind="rss", target=150))
-        suite.add(Row("peak RSS export", f"peak RSS of `udocker-export`, {big_what}",
-                      export_rss, "skopeo copy to docker-archive", skopeo_export_rss,
-                      kind="rss", target=150))
+        if only & {"big", "export"}:
+            big, big_size = push_image(reg, random_image, "bench/big", layer_mib=big_mib)
+            big_what = f"the {big_size / 2**20:.0f} MiB 10-layer image"
+            log(f"image big: {big_size / 2**20:.0f} MiB")
+        if only & {"small", "create"}:
+            small, small_size = push_image(reg, small_files_image, "bench/small",
+                                           files=small_files)
+            small_what = f"the {small_files} small files image ({small_size / 2**20:.0f} MiB)"
+            log(f"image small: {small_size / 2**20:.1f} MiB")
+        if only & {"warm", "first-run"}:
+            deb, deb_size = push_image(reg, debian_image, "bench/deb", quick=args.quick)
+            deb_what = f"the Debian image ({deb_size / 2**20:.0f} MiB)"
+            log(f"image debian: {deb_size / 2**20:.1f} MiB (compressed)")
+        log(f"measuring {', '.join(g for g in GROUPS if g in only)}, {repeat} repeat(s)")
+        if only & {"big", "export"}:
+            big_ds, import_rss, skopeo_rss = suite.import_rows(big, big_what, "big")
+            if "big" in only:
+                suite.clone_get_row(big_ds, big, "big", big_what)
+            else:
+                suite.rows = []         # the import only made the dataset to export
+            if "export" in only:
+                export_rss, skopeo_export_rss = suite.export_rows(big_ds, "big", big_what)
+            shutil.rmtree(big_ds)
+        if only & {"warm", "first-run"}:
+            deb_ds = suite.imported(deb, "deb")
+            if "warm" in only:
+                suite.warm_run_rows(deb_ds, "deb")
+            if "first-run" in only:
+                suite.first_run_row(deb_ds, deb, "deb", deb_what)
+        if only & {"small", "create"}:
+            rows = list(suite.rows)
+            small_ds, _, _ = suite.import_rows(small, small_what, "small")
+            if "small" not in only:
+                suite.rows = rows
+            if "create" in only:
+                suite.create_row(small_ds, small, "small", small_what)
+        if "big" in only:
+            suite.add(Row("peak RSS import", f"peak RSS of `udocker-import`, {big_what}",
+                          import_rss, "skopeo copy", skopeo_rss, kind="rss", target=150))
+        if "export" in only:
+            suite.add(Row("peak RSS export", f"peak RSS of `udocker-export`, {big_what}",
+                          export_rss, "skopeo copy to docker-archive", skopeo_export_rss,
+                          kind="rss", target=150))
     finally:
         reg.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -294,7 +326,7 @@ def main():
 
 def write(rows, preamble, args):
     out = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else None)
+        Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick or args.only else None)
     md_path = (out or REPO / "benchmarks") / "results.md"
     static = out or REPO / "docs" / "_static"
     static.mkdir(parents=True, exist_ok=True)

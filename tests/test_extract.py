@@ -32,14 +32,14 @@ def create(tmp_path, layers, name="dlu-test"):
     return udir, layout, cid
 
 
-@pytest.fixture
-def umask077():
-    old = os.umask(0o077)
+@pytest.fixture(params=[0o022, 0o077])
+def umask(request):
+    old = os.umask(request.param)
     yield
     os.umask(old)
 
 
-def test_a_container_in_udockers_format(tmp_path, umask077):
+def test_a_container_in_udockers_format(tmp_path, umask):
     lower = im.make_raw_layer([
         R("bin", "dir", mode=0o755), R("bin/tool", data=b"tool\n", mode=0o4755),
         R("bin/link", "hardlink", "bin/tool"), R("bin/sh", "symlink", "tool"),

@@ -141,8 +141,8 @@ def _extract_layer(root, repo, path, desc, checker):
 class _Spool:
     """The data of one layer's regular files, one file each, until they are placed."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, umask):
+        self.path, self.umask = path, umask
         self.files = {}             # id(TarInfo) -> spool file
         os.mkdir(path, 0o700)
 
@@ -155,8 +155,9 @@ class _Spool:
         with self._writing():
             if n % _PER_DIR == 0:
                 os.mkdir(os.path.dirname(dest), 0o700)
+            mode = (info.mode & _KEPT_BITS) | _OWNER_BITS
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         0o600)
+                         mode & 0o777)
         with open(fd, "wb", buffering=0) as out:
             source = tar.extractfile(info) if info.size else None
             while source is not None:
@@ -166,7 +167,8 @@ class _Spool:
                 with self._writing():
                     out.write(data)
             with self._writing():
-                os.fchmod(fd, (info.mode & _KEPT_BITS) | _OWNER_BITS)
+                if mode & (self.umask | ~0o777):    # the umask took bits, or a sticky bit
+                    os.fchmod(fd, mode)
                 os.utime(fd, (info.mtime, info.mtime))
         self.files[id(info)] = dest
 
@@ -190,10 +192,11 @@ class _Root:
         self.path = str(path)
         self.spool_path = str(spool_path)
         self.dirs = {""}            # relative paths known to be real directories
+        self.umask = _umask()
         self.dir_times = {}         # directory -> mtime of the last header listing it
 
     def new_spool(self):
-        return _Spool(self.spool_path)
+        return _Spool(self.spool_path, self.umask)
 
     def apply(self, plan, spool):
         for info in plan:
@@ -309,3 +312,14 @@ class _Root:
 def _mkfifo(path, mode):
     os.mkfifo(path, 0o600)
     os.chmod(path, mode)
+
+
+def _umask():
+    """This process's umask, read without changing it (Linux >= 4.7); else 0o777: files
+    are then always given their mode explicitly."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return 0o777
