@@ -61,6 +61,7 @@ def test_a_container_in_udockers_format(tmp_path, umask):
         "datalad-udocker/%s:latest" % manifest.digest.hex
     assert json.loads((cdir / "container.json").read_text()) == OCILayout(layout).config()
     assert os.readlink(udir / "containers" / "dlu-test") == cid
+    assert not list((udir / "datalad-udocker" / "run").glob("tmp*"))    # nor a skeleton
     root = cdir / "ROOT"
     modes = {p: stat.S_IMODE(os.lstat(root / p).st_mode) for p in (
         "", "bin", "bin/tool", "shared", "tmp", "etc", "etc/ro", "etc/sub", "locked",

@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from ..digest import HashingReader
 from ..errors import LayoutError, RunError, UnsafeLayer
 from .layer_check import OPAQUE, WHITEOUT, StackChecker
 from .safe_delete import remove_tree
-from .udocker_repo import TAG, repo_name
+from .udocker_repo import STATE_DIR, TAG, repo_name
 
 __all__ = ["create_container"]
 
@@ -80,7 +81,8 @@ def create_container(udocker_dir, repo, layout, name):
     cid = str(uuid.uuid4())
     cdir = containers / cid
     try:
-        _skeleton(cdir, "%s:%s" % (repo_name(manifest.digest), TAG))
+        _skeleton(cdir, "%s:%s" % (repo_name(manifest.digest), TAG),
+                  Path(udocker_dir) / STATE_DIR / "run")
         root = _Root(cdir / "ROOT", cdir / ".spool")
         checker = StackChecker()
         for desc in manifest.layers:
@@ -95,12 +97,14 @@ def create_container(udocker_dir, repo, layout, name):
     return cid
 
 
-def _skeleton(cdir, image):
-    """``cdir`` with an empty ``ROOT`` and ``imagerepo.name`` (udocker's), made elsewhere
-    and renamed into place: a container directory never lacks its ``imagerepo.name``, by
-    which an interrupted creation is recognised (see :meth:`.Runtime.containers`)."""
-    tmp = cdir.with_name(".%s.new" % cdir.name)
-    os.mkdir(tmp, 0o700)
+def _skeleton(cdir, image, work_dir):
+    """``cdir`` with an empty ``ROOT`` and ``imagerepo.name`` (udocker's), made in
+    ``work_dir`` and renamed into place: a container directory never lacks its
+    ``imagerepo.name``, by which an interrupted creation is recognised (see
+    :meth:`.Runtime.containers`).  (A skeleton left by a kill is pruned with the other
+    ``run/tmp*`` leftovers.)"""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tmp", dir=work_dir))
     try:
         os.mkdir(tmp / "ROOT", 0o700)
         (tmp / "imagerepo.name").write_text(image)
