@@ -1,6 +1,8 @@
-"""Refuse image layers that would write outside the container when udocker extracts them.
+"""Refuse image layers that would write outside the container when they are extracted.
 
-``udocker create`` extracts the layers of an image one after the other into the container's
+The layers are extracted by :mod:`.extract`, which applies each layer as ``udocker create``
+did, following the plan :meth:`StackChecker.check_layer` returns; the model below is of
+that behaviour.  ``udocker create`` extracts the layers of an image one after the other into the container's
 ``ROOT`` with GNU tar (``tar -x --no-same-owner --no-same-permissions --overwrite
 --exclude=dev/* --exclude=etc/udev/devices/* --exclude=.wh.*``), and before each layer applies
 its whiteouts itself: for every member listed by ``tar t --wildcards '*/.wh.*'`` it deletes
@@ -29,8 +31,8 @@ naming the layer and member when
   marker, which GNU tar may read differently than this parser).
 
 FIFOs are allowed (any user can make one; it reaches nothing outside the container).
-Setuid/setgid bits are allowed: udocker extracts with ``--no-same-permissions``, and GNU tar
-then never sets them, as root or not (the tests check it).
+Setuid/setgid bits are allowed: the extraction never sets them, as root or not (the tests
+check it), as udocker's GNU tar with ``--no-same-permissions`` did not.
 
 The model is conservative where udocker's behaviour is uncertain: a symlink is assumed to
 exist until something certainly removed it, so an image is at worst refused, never let
