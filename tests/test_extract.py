@@ -131,3 +131,19 @@ def test_the_extractor_never_writes_through_a_symlink(tmp_path):
     with pytest.raises(RunError, match="through the symlink"):
         writer.apply([whiteout], spool)
     assert [p.name for p in victim.iterdir()] == ["keep"]
+
+
+def test_prune_drops_the_image_feeds_of_earlier_versions(tmp_path):
+    """Earlier versions fed images into udocker's ``repos/`` (symlinks to the blobs) for
+    ``udocker create``; a prune removes such a feed, never what its links point to."""
+    from datalad_udocker.run.runtime import Runtime
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"layer")
+    udir = tmp_path / "udocker"
+    tag_dir = udir / "repos" / "datalad-udocker" / ("ab" * 32) / "latest"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "TAG").write_text("x")
+    (tag_dir / ("sha256:" + "cd" * 32)).symlink_to(blob)
+    Runtime(udir, "P1").prune()
+    assert list((udir / "repos" / "datalad-udocker").iterdir()) == []
+    assert blob.read_bytes() == b"layer"
