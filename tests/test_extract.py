@@ -147,3 +147,17 @@ def test_prune_drops_the_image_feeds_of_earlier_versions(tmp_path):
     Runtime(udir, "P1").prune()
     assert list((udir / "repos" / "datalad-udocker").iterdir()) == []
     assert blob.read_bytes() == b"layer"
+
+
+@pytest.mark.parametrize("blob", [b"\x1f\x8b" + b"junk" * 300000, b"\x28\xb5\x2f\xfd" + b"x" * 99])
+def test_an_unreadable_layer_is_refused_and_leaves_nothing(tmp_path, blob):
+    """Decompression runs in a thread of its own: its errors still end in the checker's
+    refusal (after the digest, which is right here), and nothing stays behind."""
+    import threading
+    layer = im.Layer(data=blob, digest=im.sha256(blob), diff_id=im.sha256(blob),
+                     compression="gzip", media_type=im.OCI_LAYER["gzip"])
+    before = threading.active_count()
+    with pytest.raises(UnsafeLayer, match="its tar stream: it is not a readable tar archive"):
+        create(tmp_path, [im.make_layer(im.busybox_rootfs()), layer])
+    assert list((tmp_path / "udocker" / "containers").iterdir()) == []
+    assert threading.active_count() == before

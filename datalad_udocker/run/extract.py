@@ -6,10 +6,11 @@ the stack check of :mod:`.layer_check` and the restoring of the layers' modes re
 again.  Here one read of each layer blob does all of it:
 
 1. the blob is hashed (:class:`~..digest.HashingReader`; skipped when the file is
-   unchanged since it last passed, see :meth:`.UdockerRepo.is_verified`), decompressed
-   and parsed by the :class:`~.layer_check.StackChecker`, and each regular file's data is
-   written, as it streams by, to a spool file inside the container directory (under our
-   own name, with its final mode and mtime);
+   unchanged since it last passed, see :meth:`.UdockerRepo.verification`) and
+   decompressed by a thread of its own (:class:`_Unpacker`: on a second core, as ``tar
+   -z`` runs gzip), parsed by the :class:`~.layer_check.StackChecker`, and each regular
+   file's data is written, as it streams by, to a spool file inside the container
+   directory (under our own name, with its final mode and mtime);
 2. once the whole layer is read, its digest is compared (a corrupt blob raises
    DigestMismatch) and the checker's verdict is taken (an unsafe stack raises
    UnsafeLayer): nothing of the layer has reached ``ROOT`` yet;
@@ -36,15 +37,17 @@ import contextlib
 import functools
 import json
 import os
+import queue
 import shutil
 import stat
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
 from ..digest import HashingReader
 from ..errors import LayoutError, RunError, UnsafeLayer
-from .layer_check import OPAQUE, WHITEOUT, StackChecker
+from .layer_check import OPAQUE, WHITEOUT, StackChecker, plain_stream
 from .safe_delete import remove_tree
 from .udocker_repo import STATE_DIR, TAG, repo_name
 
@@ -122,15 +125,14 @@ def _extract_layer(root, repo, path, desc, checker):
     stamp, verified = repo.verification(path, digest, desc.size)
     spool = root.new_spool()
     unsafe = None
-    with open(path, "rb") as f:
-        reader = f if verified else HashingReader(f)
+    with open(path, "rb") as f, _Unpacker(f if verified else HashingReader(f)) as plain:
         try:
-            plan = checker.check_layer(digest, reader, spool.take)
+            plan = checker.check_layer(digest, plain, spool.take, decompressed=True)
         except UnsafeLayer as exc:
             unsafe, plan = exc, []
         if not verified:
-            reader.drain()          # what the tar reader did not need
-            repo.check_digest(digest, reader.digest)    # a corrupt blob: before unsafe
+            plain.finish()          # the rest the tar reader did not need, hashed
+            repo.check_digest(digest, plain.raw.digest)    # a corrupt blob: before unsafe
     if unsafe is not None:
         raise unsafe
     if not verified:
@@ -140,6 +142,82 @@ def _extract_layer(root, repo, path, desc, checker):
     except OSError as exc:
         raise RunError("could not extract layer %s: %s" % (digest, exc)) from None
     spool.remove()
+
+
+_END = object()
+
+
+class _Unpacker:
+    """The tar bytes of a layer blob read from ``raw``, decompressed (and hashed, when
+    ``raw`` is a HashingReader) by a thread of its own, a chunk ahead: zlib, zstandard and
+    hashlib release the GIL, so that work runs on another core while the headers are
+    parsed and the files written, as ``tar -z`` runs gzip beside tar.  Read errors are
+    raised by :meth:`read`, where the checker reports them as the layer's."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self._queue = queue.Queue(maxsize=4)
+        self._stop = threading.Event()
+        self._chunk, self._pos, self._ended = b"", 0, False
+        self._thread = threading.Thread(target=self._work, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._wait_end()
+        self._thread.join()
+
+    def _work(self):
+        try:
+            plain = plain_stream(self.raw)
+            while not self._stop.is_set():
+                data = plain.read(_CHUNK)
+                if not data:
+                    break
+                self._queue.put(data)
+        except Exception as exc:    # noqa: BLE001 -- handed to the reader, see read()
+            self._queue.put(exc)
+        finally:
+            self._queue.put(_END)
+
+    def _wait_end(self):
+        while not self._ended:
+            if self._queue.get() is _END:
+                self._ended = True
+
+    def read(self, size=-1):
+        parts = []
+        while size != 0:
+            if self._pos == len(self._chunk):
+                if self._ended:
+                    break
+                item = self._queue.get()
+                if item is _END:
+                    self._ended = True
+                    break
+                if isinstance(item, Exception):
+                    self._wait_end()
+                    raise item
+                self._chunk, self._pos = item, 0
+            n = len(self._chunk) - self._pos if size < 0 else \
+                min(size, len(self._chunk) - self._pos)
+            parts.append(self._chunk[self._pos:self._pos + n])
+            self._pos += n
+            size -= n if size > 0 else 0
+        return b"".join(parts)
+
+    def finish(self):
+        """Read to the end of the blob (``raw`` then has seen every byte)."""
+        with contextlib.suppress(Exception):
+            while self.read(_CHUNK):
+                pass
+        self._wait_end()
+        self._thread.join()
+        if hasattr(self.raw, "drain"):
+            self.raw.drain()        # after a read error: the bytes no one decompressed
 
 
 class _Spool:

@@ -44,7 +44,7 @@ import zlib
 
 from ..errors import UdockerError, UnsafeLayer
 
-__all__ = ["StackChecker"]
+__all__ = ["StackChecker", "plain_stream"]
 
 OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
@@ -122,13 +122,19 @@ class _Stream:
         return self._inner if self._inner is not None else self
 
 
+def plain_stream(raw):
+    """The tar bytes of a layer read from ``raw``, a readable binary stream (gzip, zstd or
+    plain, told by the magic bytes as GNU tar does); its errors are the layer's."""
+    return _Stream(raw).plain()
+
+
 class StackChecker:
     """Check the layers of one image in manifest order (see the module doc)."""
 
     def __init__(self):
         self.root = _Node(DIR)
 
-    def check_layer(self, digest, stream, on_member=None):
+    def check_layer(self, digest, stream, on_member=None, decompressed=False):
         """Read one layer from the binary ``stream`` (to the end of its tar) and check it
         against the layers checked before; raise UnsafeLayer naming ``digest``.
 
@@ -136,10 +142,11 @@ class StackChecker:
         order: its whiteouts that remove something, then its members that are extracted
         (TarInfo objects).  ``on_member(tar, info)``, if given, is called for every member
         as it is read (in stream mode: the member's data can be read then, and only then).
+        With ``decompressed``, ``stream`` gives the bytes :func:`plain_stream` gives.
         """
         member = None
         try:
-            members = self._read(stream, on_member)
+            members = self._read(stream, on_member, decompressed)
             plan = []
             for member in (m for m in members if self._is_whiteout(m)):
                 if self._whiteout(member):
@@ -157,10 +164,10 @@ class StackChecker:
 
     # --- reading ---------------------------------------------------------------------------
     @staticmethod
-    def _read(stream, on_member=None):
+    def _read(stream, on_member=None, decompressed=False):
         """The layer's members (metadata only), every header accounted for."""
         try:
-            plain = _Stream(stream).plain()
+            plain = stream if decompressed else plain_stream(stream)
             members, expected = [], 0
             # ignore_zeros: also read past the end marker and damaged headers, and refuse
             # anything found there (GNU tar may resynchronise on it)
