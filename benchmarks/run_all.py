@@ -248,7 +248,7 @@ class Suite:
                      also=self.compared(other)))
 
     def create_row(self, ds, ref, key, what):
-        """Empty cache, layers present: our first run (verify, feed, create, run) vs
+        """Empty cache, layers present: our first run (verify, check, extract, run) vs
         ``udocker create`` of the image it pulled itself (pull not timed)."""
         name = ref.split("/", 1)[1]
         udir = self.fresh("udocker-yard")

@@ -1,6 +1,8 @@
-"""Refuse image layers that would write outside the container when udocker extracts them.
+"""Refuse image layers that would write outside the container when they are extracted.
 
-``udocker create`` extracts the layers of an image one after the other into the container's
+The layers are extracted by :mod:`.extract`, which applies each layer as ``udocker create``
+did, following the plan :meth:`StackChecker.check_layer` returns; the model below is of
+that behaviour.  ``udocker create`` extracts the layers of an image one after the other into the container's
 ``ROOT`` with GNU tar (``tar -x --no-same-owner --no-same-permissions --overwrite
 --exclude=dev/* --exclude=etc/udev/devices/* --exclude=.wh.*``), and before each layer applies
 its whiteouts itself: for every member listed by ``tar t --wildcards '*/.wh.*'`` it deletes
@@ -29,8 +31,8 @@ naming the layer and member when
   marker, which GNU tar may read differently than this parser).
 
 FIFOs are allowed (any user can make one; it reaches nothing outside the container).
-Setuid/setgid bits are allowed: udocker extracts with ``--no-same-permissions``, and GNU tar
-then never sets them, as root or not (the tests check it).
+Setuid/setgid bits are allowed: the extraction never sets them, as root or not (the tests
+check it), as udocker's GNU tar with ``--no-same-permissions`` did not.
 
 The model is conservative where udocker's behaviour is uncertain: a symlink is assumed to
 exist until something certainly removed it, so an image is at worst refused, never let
@@ -40,12 +42,9 @@ import gzip
 import tarfile
 import zlib
 
-from ..errors import UnsafeLayer
+from ..errors import UdockerError, UnsafeLayer
 
-__all__ = ["StackChecker", "CHECKER_VERSION"]
-
-# bump when the rules get stricter: remembered "checked" results of older versions are redone
-CHECKER_VERSION = 1
+__all__ = ["StackChecker", "plain_stream"]
 
 OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
@@ -123,22 +122,39 @@ class _Stream:
         return self._inner if self._inner is not None else self
 
 
+def plain_stream(raw):
+    """The tar bytes of a layer read from ``raw``, a readable binary stream (gzip, zstd or
+    plain, told by the magic bytes as GNU tar does); its errors are the layer's."""
+    return _Stream(raw).plain()
+
+
 class StackChecker:
     """Check the layers of one image in manifest order (see the module doc)."""
 
     def __init__(self):
         self.root = _Node(DIR)
 
-    def check_layer(self, digest, stream):
+    def check_layer(self, digest, stream, on_member=None, decompressed=False):
         """Read one layer from the binary ``stream`` (to the end of its tar) and check it
-        against the layers checked before; raise UnsafeLayer naming ``digest``."""
+        against the layers checked before; raise UnsafeLayer naming ``digest``.
+
+        Returns the layer's plan, what extracting it does to the tree in the model's
+        order: its whiteouts that remove something, then its members that are extracted
+        (TarInfo objects).  ``on_member(tar, info)``, if given, is called for every member
+        as it is read (in stream mode: the member's data can be read then, and only then).
+        With ``decompressed``, ``stream`` gives the bytes :func:`plain_stream` gives.
+        """
         member = None
         try:
-            members = self._read(stream)
+            members = self._read(stream, on_member, decompressed)
+            plan = []
             for member in (m for m in members if self._is_whiteout(m)):
-                self._whiteout(member)
+                if self._whiteout(member):
+                    plan.append(member)
             for member in (m for m in members if not self._is_whiteout(m)):
-                self._member(member)
+                if self._member(member):
+                    plan.append(member)
+            return plan
         except _Refused as exc:
             where = "member %r" % member.name if member is not None else "its tar stream"
             raise UnsafeLayer(
@@ -148,10 +164,10 @@ class StackChecker:
 
     # --- reading ---------------------------------------------------------------------------
     @staticmethod
-    def _read(stream):
+    def _read(stream, on_member=None, decompressed=False):
         """The layer's members (metadata only), every header accounted for."""
         try:
-            plain = _Stream(stream).plain()
+            plain = stream if decompressed else plain_stream(stream)
             members, expected = [], 0
             # ignore_zeros: also read past the end marker and damaged headers, and refuse
             # anything found there (GNU tar may resynchronise on it)
@@ -163,8 +179,10 @@ class StackChecker:
                                        "archive" % info.name)
                     expected = tar.offset
                     members.append(info)
+                    if on_member is not None:
+                        on_member(tar, info)
             return members
-        except _Refused:
+        except (_Refused, UdockerError):    # UdockerError: on_member's own
             raise
         except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exc:
             raise _Refused("it is not a readable tar archive (%s)" % exc) from None
@@ -213,14 +231,15 @@ class StackChecker:
         if target is not None and target in ("", ".", ".."):
             raise _Refused("a whiteout of %r" % (target or "its own directory"))
         if "/" not in name:
-            return              # udocker's '*/.wh.*' does not list it: nothing is removed
+            return False        # udocker's '*/.wh.*' does not list it: nothing is removed
         parent = self._parent(parts, create=False)
         if parent is None:
-            return
+            return False
         if target is None:
             parent.children.clear()         # udocker lists the directory and empties it
-            return
+            return True
         parent.children.pop(target, None)   # a symlink itself is removed, not followed
+        return True
 
     def _member(self, info):
         if info.type not in _KNOWN_TYPES:
@@ -232,7 +251,7 @@ class StackChecker:
             raise _Refused("a member inside a whiteout-named directory")
         if not parts:
             if info.isdir():
-                return          # the root directory itself
+                return True     # the root directory itself (its mode)
             raise _Refused("a %s named like the root directory" % _kind(info))
         skipped = _udocker_skips(parts)
         if info.type in _DEVICES and not skipped:
@@ -241,16 +260,19 @@ class StackChecker:
         if info.islnk():
             kind = self._hardlink_kind(info)
         parent = self._parent(parts, create=True)
-        if skipped and kind != LINK:
-            return              # never extracted (a symlink is remembered all the same)
+        if skipped:
+            if kind == LINK:    # never extracted, but remembered all the same
+                parent.children[parts[-1]] = _Node(kind)
+            return False
         name = parts[-1]
         old = parent.children.get(name)
         if old is not None and old.kind == DIR:
             if kind == DIR:
-                return          # an existing directory is kept, with its content
+                return True     # an existing directory is kept, with its content
             if kind != LINK and old.children:
-                return          # tar cannot replace a non-empty directory by a file
+                return False    # tar cannot replace a non-empty directory by a file
         parent.children[name] = _Node(kind)
+        return True
 
     def _hardlink_kind(self, info):
         parts = _parts(info.linkname, "hardlink target")

@@ -14,10 +14,11 @@ Life of a run (:meth:`Runtime.run`):
    ``dlu-<manifest hex>-<mode>``).  If it is missing it is created once,
    under an exclusive per-container file lock, so that concurrent first runs
    all succeed and extract only once: missing layers are fetched
-   (``datalad get``), the layout is fed into udocker's repository by symlink
-   after digest verification (:mod:`.udocker_repo`), ``udocker create`` and
-   ``udocker setup --execmode`` run, and only then is the cache entry
-   written.  Any failure removes what was created.
+   (``datalad get``), the container is made in udocker's format by
+   :mod:`.extract` (one read of each layer verifies its digest, checks the
+   stack's safety and extracts it), ``udocker setup --execmode`` runs, and
+   only then is the cache entry written.  Any failure removes what was
+   created.
 2. The command runs with ``udocker run`` while a shared lock is held (a
    prune skips containers in use).  Docker semantics: the image's Env,
    Entrypoint and Cmd (an empty command runs Entrypoint + Cmd), the dataset
@@ -51,6 +52,7 @@ from .safe_delete import remove_tree
 from ..digest import hex_part, sha256_digest
 from ..dataset.local import datalad_get as fetch_with_datalad, ensure_local
 from .udocker_repo import STATE_DIR, UdockerRepo, repo_digest
+from .extract import create_container
 from .tools import EXEC_MODES, check_execmode, find_tools
 
 __all__ = ["run_image", "RunResult", "Runtime", "CachedContainer",
@@ -376,17 +378,17 @@ class Runtime:
     def _create(self, name, layout, fetch):
         tools = find_tools(self.execmode, self.udocker_dir)
         ensure_local(layout, fetch)
-        fed = self.repo.feed(layout)
         self._discard(name)          # leftovers of an interrupted creation
         cid = None
         try:
-            cid = self.udocker.create(name, fed.spec)
+            cid = create_container(self.udocker_dir, self.repo, layout, name)
             self.udocker.setup(cid, self.execmode, tools)
             path = self.udocker_dir / "containers" / cid
             if not (path / "ROOT").is_dir():
                 raise RuntimeError_("udocker created no container ROOT in %s"
                                     % path)
-            entry = CachedContainer(name, cid, fed.manifest_digest,
+            entry = CachedContainer(name, cid,
+                                    layout.manifest().digest,
                                     self.execmode, str(layout.path),
                                     time.time(), time.time(), str(path))
             state = self._state_path(name)

@@ -25,7 +25,6 @@ import os
 import re
 import select
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -45,12 +44,10 @@ _UDOCKER_MAIN = (
     "sys.argv[at:at] = hidden; "
     "sys.exit(main())" % HIDDEN_ARGS_VAR)
 LAST_RESORT = 15      # seconds udocker gets after the grace period to end
-# the umask of `udocker create` (directories no layer lists) and of every
-# run: Docker's, whatever the caller's (files udocker writes for a run, such
-# as the container's /etc/passwd, and those the command creates)
+# the umask of every run: Docker's, whatever the caller's (files udocker
+# writes for a run, such as the container's /etc/passwd, and those the
+# command creates)
 RUN_UMASK = 0o022
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
-                      r"[0-9a-f]{12}$")
 
 
 def first_error(text):
@@ -150,103 +147,6 @@ def forwarding_signals(argv, popen_kwargs, pidfile, grace):
         os.close(wake_w)
 
 
-# --- permissions of extracted layers ---------------------------------------
-_OWNER_BITS = 0o600         # udocker makes everything u+rw (dirs u+rwx)
-_KEPT_BITS = 0o1777         # setuid/setgid are dropped on purpose
-
-
-def _layer_members(path):
-    """The tar headers of a layer blob (plain, gzip or zstd), streamed."""
-    import tarfile       # here: a warm run needs none of this
-    with open(path, "rb", buffering=0) as f:     # the fd's offset is f's
-        zstd = f.read(4) == b"\x28\xb5\x2f\xfd"
-        f.seek(0)
-        if not zstd:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
-                yield from tar
-            return
-        # as GNU tar does, with the zstd program
-        proc = subprocess.Popen(["zstd", "-dcq"], stdin=f,
-                                stdout=subprocess.PIPE)
-    try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            yield from tar
-    finally:
-        proc.stdout.close()
-        proc.kill()
-        proc.wait()
-
-
-def _fed_image_modes(tag_dir, stop):
-    """:func:`image_modes` of the image fed into udocker's ``tag_dir``."""
-    layers = [tag_dir / layer["digest"] for layer in json.loads(
-        (tag_dir / "manifest").read_bytes())["layers"]]
-    return image_modes(layers, stop)
-
-
-def image_modes(layers, stop=None):
-    """``{relative path: mode}`` of the image's final file system, from the
-    headers of ``layers`` (lowest first), whiteouts applied as udocker
-    applies them; symlinks and hard links (they share their target's
-    inode) are left out.  Gives up (returns None) once ``stop`` (an
-    Event) is set."""
-    modes = {}
-    for layer in layers:
-        members = []
-        for member in _layer_members(layer):
-            if stop is not None and stop.is_set():
-                return None
-            members.append(member)
-        for member in members:                # udocker: whiteouts first
-            name = _member_path(member.name)
-            head, _, base = name.rpartition("/")
-            if base == ".wh..wh..opq":
-                below = head + "/" if head else ""
-                for key in [k for k in modes if k.startswith(below)]:
-                    del modes[key]
-            elif base.startswith(".wh."):
-                gone = (head + "/" if head else "") + base[4:]
-                for key in [k for k in modes
-                            if k == gone or k.startswith(gone + "/")]:
-                    del modes[key]
-        for member in members:
-            name = _member_path(member.name)
-            if ("/" + name).rpartition("/")[2].startswith(".wh."):
-                continue
-            if member.isdir() or member.isreg() or member.isfifo():
-                modes[name] = member.mode
-            else:
-                modes.pop(name, None)
-    return modes
-
-
-def _member_path(name):
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    return "/".join(parts)
-
-
-def restore_modes(root, modes):
-    """Give the files under ``root`` the ``modes`` of the image (see
-    :func:`image_modes`), without setuid/setgid and keeping the owner's
-    read/write (and search) bits udocker adds so that the container stays
-    writable and removable.  Paths through a symlink are never touched."""
-    root = os.path.realpath(root)
-    for name, mode in modes.items():
-        path = os.path.join(root, name) if name else root
-        if os.path.realpath(path) != path:
-            continue                      # gone, or through a symlink
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            continue
-        want = (mode & _KEPT_BITS) | _OWNER_BITS | (
-            0o100 if stat.S_ISDIR(st.st_mode) else 0)
-        if stat.S_IMODE(st.st_mode) != want:
-            os.chmod(path, want)
-
-
 class UdockerCLI:
     """udocker commands on one udocker directory."""
 
@@ -286,42 +186,6 @@ class UdockerCLI:
                                         signals_to, grace)
             messages.seek(0)
             return rc, messages.read().decode(errors="replace")
-
-    def create(self, name, image_spec):
-        """``udocker create --name=NAME SPEC``; returns the container id.
-
-        udocker exits 0 even when extraction failed, so its messages are
-        checked too.  udocker's GNU tar applies the caller's umask and drops
-        the sticky bit: it runs with umask 022 (directories the layers do
-        not list are 0755, as under Docker) and then the modes of the
-        layers' headers are restored (:func:`restore_modes`).
-        """
-        import concurrent.futures
-        import tarfile
-        repo, _, tag = image_spec.rpartition(":")
-        tag_dir = self.udocker_dir / "repos" / repo / tag
-        stop = threading.Event()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool, \
-                contextlib.ExitStack() as stack:
-            # the headers are read while udocker extracts (zlib and zstd
-            # decompress outside the GIL); on any error the reading stops
-            modes = pool.submit(_fed_image_modes, tag_dir, stop)
-            stack.callback(stop.set)
-            rc, out = self.call(["create", "--name=" + name, image_spec],
-                                umask=RUN_UMASK)
-            ids = [w for w in out.split() if _UUID_RE.match(w)]
-            if rc or not ids or "Error" in out:
-                raise RuntimeError_("udocker could not create a container "
-                                    "from %s: %s" % (image_spec,
-                                                     first_error(out)))
-            root = self.udocker_dir / "containers" / ids[-1] / "ROOT"
-            try:
-                restore_modes(root, modes.result())
-            except (OSError, ValueError, KeyError, TypeError,
-                    tarfile.TarError) as exc:
-                raise RuntimeError_("could not give %s the permissions of "
-                                    "the image's layers: %s" % (root, exc))
-        return ids[-1]
 
     def setup(self, container, execmode, tools):
         """``udocker setup --execmode=MODE``; for F1 udocker then also
