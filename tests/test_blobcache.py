@@ -345,7 +345,12 @@ def as_user(runner, code, groups=(), timeout=120, **kw):
 
 
 def finish(proc, timeout=120):
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     return proc.returncode, out, err
 
 
@@ -435,9 +440,9 @@ def test_site_dir_without_sticky_bit_is_not_filled(fillers):
     (site / "stop-swapper").touch()
     _, att_out, _ = finish(att)
     assert code == 0, err
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600, f"attacker: {att_out}"
     assert "from cache False" in out
     assert "chmod +t" in err and err.count("WARNING") == 1, err
-    assert stat.S_IMODE(secret.stat().st_mode) == 0o600, f"attacker: {att_out}"
     assert list((site / "tmp").iterdir()) == [] and list((site / "sha256").iterdir()) == []
     assert len(list((private / "cache" / "datalad-udocker" / "blobs" / "sha256").iterdir())) == 1
     (site / "stop-swapper").unlink()
@@ -479,10 +484,10 @@ def test_site_subdirs_replaced_by_symlinks_are_not_followed(fillers):
         data=repr(data), dest=str(private / "a")), groups=[group], env=victim_env(
             victim, site, private)))
     assert code == 0, err
+    assert sorted(os.listdir(docs)) == before, err
+    assert (docs / hexname).read_bytes().startswith(b"the victim's own document")
     assert "from cache False" in out and (private / "a").read_bytes() == data
     assert "is a symlink" in err, err
-    assert sorted(os.listdir(docs)) == before
-    assert (docs / hexname).read_bytes().startswith(b"the victim's own document")
 
 
 LOCK_HOLDER = """
