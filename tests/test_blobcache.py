@@ -16,6 +16,11 @@ records them: the tests count the GETs of each layer blob.
   and the layer comes from the registry.
 - A filler SIGKILLed before its rename leaves no entry, only a temporary file, which the next
   filler of that blob removes; a dataset's committed config names no cache directory.
+- A site directory made as docs/cluster.rst says, with a hostile fellow filler (``udtest``)
+  next to the victim (``udtest2``): a temp file swapped for a symlink to the victim's secret
+  (no fill without the sticky bit; refused with it), subdirectories replaced by symlinks (not
+  followed), a lock held for ever or a FIFO in its place (the fill goes on); our own stale
+  temporary files are removed.
 
 The test session turns the cache off (tests/conftest.py, and for the non-root user
 tests/fixtures/users.py); these tests turn it on.

@@ -25,10 +25,16 @@ asks the registry, then files what it downloaded into the cache.
   thawing before a drop) never reach the site directory.
 - **One download per blob at a time.**  The filler takes an exclusive
   ``flock`` on ``locks/<hex>`` in the cache it fills while it downloads;
-  a concurrent fetch of the same blob waits, then finds it in the cache.
-  The lock only saves downloads: correctness rests on writing each entry
-  under a private temporary name in ``tmp/`` and renaming it into place,
-  so a reader sees a whole entry or none, whoever wins.
+  a concurrent fetch of the same blob waits (at most ``lock_wait``
+  seconds: anyone who can read the lock can hold it), then finds it in
+  the cache.  The lock only saves downloads: correctness rests on writing
+  each entry under a private temporary name in ``tmp/`` (created with
+  O_EXCL|O_NOFOLLOW, its mode set on the descriptor) and renaming it into
+  place, so a reader sees a whole entry or none, whoever wins.
+- **No path through another's symlink.**  The subdirectories are opened
+  with O_NOFOLLOW and must belong to the root's owner or the user; all
+  file operations are relative to those descriptors.  A site directory
+  others may write without the sticky bit is read, never filled.
 - The cache is filled in the site directory when the user may write there,
   else in the user's own cache; a failure to fill it (disk full, no
   permission) is a warning, never a failed download.
