@@ -33,6 +33,9 @@ reader.
     A shared directory of verified registry blobs (``sha256/<hex>``),
     consulted after the user's own cache, and filled by whoever may write
     it (env: DATALAD_UDOCKER_BLOB__CACHE__SITE).
+``datalad.udocker.blob-cache-lock-wait``
+    Seconds a fill waits for another process's lock on the same blob
+    before downloading it anyway (default 300).
 ``datalad.udocker.jobs``
     Parallel layer downloads during import, and byte ranges of one large
     layer fetched at once by the registry special remote (default 4).

@@ -16,6 +16,11 @@ records them: the tests count the GETs of each layer blob.
   and the layer comes from the registry.
 - A filler SIGKILLed before its rename leaves no entry, only a temporary file, which the next
   filler of that blob removes; a dataset's committed config names no cache directory.
+- A site directory made as docs/cluster.rst says, with a hostile fellow filler (``udtest``)
+  next to the victim (``udtest2``): a temp file swapped for a symlink to the victim's secret
+  (no fill without the sticky bit; refused with it), subdirectories replaced by symlinks (not
+  followed), a lock held for ever or a FIFO in its place (the fill goes on); our own stale
+  temporary files are removed.
 
 The test session turns the cache off (tests/conftest.py, and for the non-root user
 tests/fixtures/users.py); these tests turn it on.
@@ -286,8 +291,9 @@ def test_fill_is_atomic_and_a_killed_fillers_leftovers_go(tmp_path, user_cache):
             "from datalad_udocker.dataset import blobcache\n"
             "def stop(*a, **k):\n    os.kill(os.getpid(), 9)\n"
             "blobcache.os.replace = stop       # killed just before the rename\n"
-            f"c = blobcache.CacheDir({str(root)!r})\nc.writable()\n"
-            f"c.put({str(tmp_path / 'src')!r}, {digest!r}, {len(data)}, False)\n")
+            f"c = blobcache.CacheDir({str(root)!r})\n"
+            "with c.opened(create=True) as fds:\n"
+            f"    c.put(fds, {str(tmp_path / 'src')!r}, {digest!r}, {len(data)}, False)\n")
     (tmp_path / "src").write_bytes(data)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
@@ -323,3 +329,244 @@ def test_site_dir_is_never_taken_from_a_dataset(ds, tmp_path, user_cache):
     git(ds.path, "config", "datalad.udocker.blob-cache-site", str(planted))   # the user's own
     assert [d.root for d in BlobCache.configured(ds).dirs] == \
         [str(user_cache.parent), str(planted)]
+
+
+# -- a site directory shared by a group of fillers, one of them hostile -------------------------
+# The victim is ``udtest2`` with the fillers' group (``udtest``'s) as a supplementary group, the
+# attacker ``udtest`` (``nonroot``), a fellow member; the site is made as docs/cluster.rst says.
+FILLERS_ATTACK_SIZE = 48 << 20
+
+
+def as_user(runner, code, groups=(), timeout=120, **kw):
+    """``python -c code`` as ``runner``'s user with ``groups`` as supplementary groups (real
+    processes: root switches with setpriv); a Popen with text pipes."""
+    assert os.geteuid() == 0, "these tests switch between two users: run them as root"
+    argv = ["setpriv", f"--reuid={runner.uid}", f"--regid={runner.gid}",
+            "--groups=" + ",".join(str(g) for g in (runner.gid, *groups)), "--",
+            sys.executable, "-c", f"import sys\nsys.path[:0] = {sys.path!r}\n" + code]
+    return subprocess.Popen(argv, env=runner.env(kw.get("env")), cwd=str(runner.home),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=120):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+VICTIM_FETCH = """
+import hashlib, os, logging
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+from datalad_udocker.dataset.blobcache import BlobCache
+data = {data}
+digest = "sha256:" + hashlib.sha256(data).hexdigest()
+def download(dest, progress):
+    with open(dest, "wb") as f:
+        f.write(data)
+print("from cache", BlobCache.configured().fetch(digest, len(data), {dest!r}, download))
+"""
+
+
+@pytest.fixture
+def fillers(nonroot, tmp_path):
+    """(victim runner, attacker runner, site, victim's private directory): a site directory
+    ``mkdir site/{sha256,tmp,locks}; chgrp -R fillers; chmod -R 2775``, owned by root."""
+    victim = UserRunner(user="udtest2")
+    group = nonroot.gid
+    site = Path(victim.make_tempdir("blobsite-"))
+    os.chown(site, 0, group)
+    for sub in ("sha256", "tmp", "locks"):
+        (site / sub).mkdir()
+        os.chown(site / sub, 0, group)
+    for path in (site, site / "sha256", site / "tmp", site / "locks"):
+        os.chmod(path, 0o2775)
+    private = victim.make_tempdir("victim-")
+    yield victim, nonroot, site, private, group
+    for path in (site, private):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def victim_env(victim, site, private, **extra):
+    return {"DATALAD_UDOCKER_BLOB__CACHE": "true", "XDG_CACHE_HOME": str(private / "cache"),
+            "DATALAD_UDOCKER_BLOB__CACHE__SITE": str(site), **extra}
+
+
+SWAPPER = """
+import os, sys, time
+tmp, secret = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+end = time.monotonic() + 60
+while time.monotonic() < end and not os.path.exists(tmp + "/../stop-swapper"):
+    for n in os.listdir(tmp):
+        p = os.path.join(tmp, n)
+        try:
+            if n.endswith(".tmp") and os.lstat(p).st_uid != os.getuid():
+                os.rename(p, p + ".stolen")
+                os.symlink(secret, p)
+                print("swapped", n, flush=True); raise SystemExit
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            print("refused", n, flush=True); raise SystemExit
+print("saw nothing", flush=True)
+"""
+
+
+def swapper(attacker, site, secret):
+    """The attacker's process: swaps the victim's first temporary file in ``site/tmp`` for a
+    symlink to ``secret`` (so a chmod by path makes the secret world-readable)."""
+    code = SWAPPER.replace("sys.argv[1], sys.argv[2]", f"{str(site / 'tmp')!r}, {str(secret)!r}")
+    proc = as_user(attacker, code)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_site_dir_without_sticky_bit_is_not_filled(fillers):
+    """F1: in a group-writable ``tmp/`` without the sticky bit another filler can swap the
+    victim's temporary file for a symlink to the victim's private file; the victim fills no
+    such site (one warning, saying ``chmod +t``), fills its own cache instead, and its private
+    file keeps its mode.  With the sticky bit (3775) it fills the site; the swap is refused."""
+    victim, attacker, site, private, group = fillers
+    secret = private / "secret"
+    secret.write_text("victim's private key\n")
+    victim.chown(secret)
+    secret.chmod(0o600)
+    data = "os.urandom(%d)" % FILLERS_ATTACK_SIZE
+    env = victim_env(victim, site, private)
+
+    att = swapper(attacker, site, secret)
+    code, out, err = finish(as_user(victim, VICTIM_FETCH.format(
+        data=data, dest=str(private / "a")), groups=[group], env=env))
+    (site / "stop-swapper").touch()
+    _, att_out, _ = finish(att)
+    assert code == 0, err
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600, f"attacker: {att_out}"
+    assert "from cache False" in out
+    assert "chmod +t" in err and err.count("WARNING") == 1, err
+    assert list((site / "tmp").iterdir()) == [] and list((site / "sha256").iterdir()) == []
+    assert len(list((private / "cache" / "datalad-udocker" / "blobs" / "sha256").iterdir())) == 1
+    (site / "stop-swapper").unlink()
+
+    for path in (site, site / "sha256", site / "tmp", site / "locks"):
+        os.chmod(path, 0o3775)
+    att = swapper(attacker, site, secret)
+    code, out, err = finish(as_user(victim, VICTIM_FETCH.format(
+        data=data, dest=str(private / "b")), groups=[group], env=env))
+    (site / "stop-swapper").touch()
+    _, att_out, _ = finish(att)
+    assert code == 0 and "WARNING" not in err, err
+    assert "swapped" not in att_out, att_out
+    print(f"\n[blobcache] attacker on a sticky tmp/: {att_out.strip()}")
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    [entry] = list((site / "sha256").iterdir())
+    st = entry.lstat()
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == victim.uid
+    assert stat.S_IMODE(st.st_mode) == 0o444 and file_digest(entry) == "sha256:" + entry.name
+
+
+def test_site_subdirs_replaced_by_symlinks_are_not_followed(fillers):
+    """F2: a fellow filler replaces ``site/sha256`` and ``site/tmp`` by symlinks to a directory
+    of the victim holding a file named like the blob's entry (not the blob's bytes); the victim
+    neither reads, deletes nor writes there: one warning, the blob from the registry."""
+    victim, attacker, site, private, group = fillers
+    data = b"z" * 5000
+    import hashlib
+    hexname = hashlib.sha256(data).hexdigest()
+    docs = private / "docs"
+    docs.mkdir()
+    victim.chown(docs)
+    (docs / hexname).write_bytes(b"the victim's own document".ljust(len(data), b"."))
+    victim.chown(docs / hexname)
+    attacker.run(f"cd {site} && mv sha256 sha256.old && ln -s {docs} sha256 && "
+                 f"mv tmp tmp.old && ln -s {docs} tmp")
+    before = sorted(os.listdir(docs))
+    code, out, err = finish(as_user(victim, VICTIM_FETCH.format(
+        data=repr(data), dest=str(private / "a")), groups=[group], env=victim_env(
+            victim, site, private)))
+    assert code == 0, err
+    assert sorted(os.listdir(docs)) == before, err
+    assert (docs / hexname).read_bytes().startswith(b"the victim's own document")
+    assert "from cache False" in out and (private / "a").read_bytes() == data
+    assert "is a symlink" in err, err
+
+
+LOCK_HOLDER = """
+import fcntl, os, sys
+path = {path!r}
+if {fifo}:
+    os.mkfifo(path, 0o644)
+    print("planted", flush=True)
+else:
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("holding", flush=True)
+sys.stdin.read()            # until the test closes it
+"""
+
+
+@pytest.mark.parametrize("how", ["flock", "fifo"])
+def test_a_held_or_planted_lock_does_not_stall_a_fill(fillers, how):
+    """F3: any reader of ``locks/<hex>`` may hold it; a fellow filler's real process holding it
+    forever (or a FIFO planted there) delays the victim's fill at most the lock wait."""
+    victim, attacker, site, private, group = fillers
+    for path in (site, site / "sha256", site / "tmp", site / "locks"):
+        os.chmod(path, 0o3775)
+    data = b"q" * 7000
+    import hashlib
+    lock = site / "locks" / hashlib.sha256(data).hexdigest()
+    holder = as_user(attacker, LOCK_HOLDER.format(path=str(lock), fifo=how == "fifo"))
+    try:
+        assert holder.stdout.readline().strip() in ("holding", "planted")
+        proc = as_user(victim, VICTIM_FETCH.format(data=repr(data), dest=str(private / "a")),
+                       groups=[group], env=victim_env(
+                           victim, site, private,
+                           DATALAD_UDOCKER_BLOB__CACHE__LOCK__WAIT="1"))
+        code, out, err = finish(proc, timeout=60)     # the old code blocked here for ever
+        assert code == 0, err
+        assert "from cache False" in out and (private / "a").read_bytes() == data
+        if how == "flock":
+            assert "still held" in err, err
+        entry = site / "sha256" / lock.name
+        assert entry.read_bytes() == data and entry.stat().st_uid == victim.uid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_own_stale_temporary_files_are_removed(tmp_path, user_cache, monkeypatch):
+    """F5: our temporary files left by a killed process in the cache's ``tmp/`` (of any blob)
+    and in the destination directory (``.blobcache-*``) go when they are older than
+    STALE_AFTER; younger ones, and other users' files, stay."""
+    from datalad_udocker.dataset import blobcache
+    from datalad_udocker.digest import sha256_digest
+
+    cache = blobcache.BlobCache.configured()
+    blobs = [os.urandom(1000 + n) for n in range(3)]
+    dest_dir = tmp_path / "annex-tmp"
+    dest_dir.mkdir()
+
+    def fetch(n):
+        def download(dest, progress):
+            Path(dest).write_bytes(blobs[n])
+        return cache.fetch(sha256_digest(blobs[n]), len(blobs[n]), str(dest_dir / f"k{n}"),
+                           download)
+    assert not fetch(0)                           # makes the cache
+    tmp = user_cache.parent / "tmp"
+    ours = [tmp / f"{'a' * 64}.0123456789abcdef.tmp", dest_dir / ".blobcache-.0123456789abcdef.tmp"]
+    theirs = tmp / f"{'b' * 64}.0123456789abcdef.tmp"
+    for path in ours + [theirs]:
+        path.write_bytes(b"left by a killed process")
+    os.chown(theirs, 1001, 1001)
+    assert fetch(0)                               # young: kept
+    assert all(p.exists() for p in ours + [theirs])
+    monkeypatch.setattr(blobcache, "STALE_AFTER", 0)
+    assert not fetch(1)                           # a fill of another blob cleans tmp/
+    assert not ours[0].exists() and theirs.exists()
+    assert fetch(1)                               # taken into dest_dir: cleans it
+    assert not ours[1].exists()
+    assert sorted(p.name for p in dest_dir.iterdir()) == ["k0", "k1"]

@@ -7,6 +7,8 @@ reverse proxy injecting 429/503, dropped connections, corrupted bytes and cross-
 import base64
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -615,3 +617,44 @@ def test_identity_token_uses_oauth2_refresh_grant(token_registry, token_issuer):
     assert (req.method, req.client_id, req.scopes) == (
         "POST", "datalad-udocker", ["repository:test/single:pull"])
     assert "refresh-token-value" not in req.path
+
+
+def test_killed_parts_resume_from_the_hashed_prefix(fault_proxy, big_blob, small_parts,
+                                                    tmp_path):
+    """A process killed (SIGKILL: no clean-up) while its ranges fill the file leaves a file of
+    the blob's full length with a hole; the next call keeps only the prefix that was hashed
+    and resumes from there with one request, instead of hashing the whole file as a prefix,
+    failing and downloading everything again.  No side file is left."""
+    digest, size = big_blob
+    c = client_for(fault_proxy.host)
+    url = c.blob_url("test/big", digest)
+    dest = tmp_path / "blob"
+    code = (f"import os, sys, time\nsys.path[:0] = {sys.path!r}\n"
+            "from datalad_udocker.registry import client\n"
+            f"client.PART_MIN = 4 << 20\ndest, size = {str(dest)!r}, {size}\n"
+            "hashed = []\nwrite = client._PartWriter.write\n"
+            "def stalled(self, data):\n"
+            "    if self.index == 0 and self.written >= 1 << 20:\n"
+            "        # range 0 stalls; once the last range reached the end and some bytes are\n"
+            "        # hashed, the process dies as a kill would find it\n"
+            "        deadline = time.monotonic() + 60\n"
+            "        while (os.path.getsize(dest) < size or not hashed) and \\\n"
+            "                time.monotonic() < deadline:\n"
+            "            time.sleep(0.01)\n"
+            "        os.kill(os.getpid(), 9)\n"
+            "    write(self, data)\n"
+            "client._PartWriter.write = stalled\n"
+            f"c = client.RegistryClient({fault_proxy.host!r}, backoff=0.01, max_wait=5.0)\n"
+            f"c.download_blob({url!r}, {digest!r}, size, dest, hashed.append, parts=4)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert dest.stat().st_size == size           # the whole length, with a hole in range 0
+    fault_proxy.clear()
+    c.download_blob(url, digest, size, str(dest), parts=4)
+    assert file_digest(dest) == digest
+    [get] = blob_gets(fault_proxy)
+    assert "range" in get.headers, "the whole blob was downloaded again"
+    start = int(get.headers["range"][len("bytes="):].rstrip("-"))
+    assert 0 < start <= size // 4 and get.headers["range"] == f"bytes={start}-"
+    assert sorted(os.listdir(tmp_path)) == ["blob"]

@@ -298,6 +298,7 @@ class RegistryClient:
         if url_digest != check_digest(digest):
             raise UdockerError("blob URL %s does not name digest %s"
                                % (redact_url(url), digest))
+        _keep_hashed_prefix(dest_path)
         resumed = os.path.exists(dest_path) and os.path.getsize(dest_path) > 0
         parts = 1 if resumed else min(parts, size // PART_MIN)
 
@@ -397,6 +398,11 @@ class RegistryClient:
         """
         bounds = [size * i // parts for i in range(parts + 1)]
         shared = _PartsState(parts)
+        # until the end, the file is not a prefix of the blob (ranges land
+        # beyond holes): the side file says how much of it is, for a
+        # resume after a kill (see _keep_hashed_prefix)
+        hashed_fd = os.open(dest_path + _HASHED, os.O_WRONLY | os.O_CREAT
+                            | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         open(dest_path, "wb").close()
         writers = [_PartWriter(dest_path, digest, bounds[i], bounds[i + 1],
                                i, shared) for i in range(parts)]
@@ -427,6 +433,7 @@ class RegistryClient:
                                 "blob %s: %s shrank while it was downloaded"
                                 % (digest, dest_path))
                         hasher.update(chunk)
+                        os.pwrite(hashed_fd, b"%20d" % hasher.count, 0)
                         if progress is not None:
                             progress(len(chunk))
         except BaseException:
@@ -439,6 +446,8 @@ class RegistryClient:
             raise
         finally:
             os.close(fd)
+            os.close(hashed_fd)
+            _unlink(dest_path + _HASHED)
         for t in threads:
             t.join()
         check_hashed(hasher, digest, size)
@@ -447,6 +456,33 @@ class RegistryClient:
 #: the smallest range :meth:`RegistryClient.download_blob` fetches on its own
 #: connection: below it, a range costs more in requests than it gains
 PART_MIN = 16 << 20
+
+
+#: beside a file being filled by ranges: how many of its first bytes are the
+#: blob's (hashed), as 20 ASCII digits
+_HASHED = ".hashed"
+
+
+def _keep_hashed_prefix(dest_path):
+    """A file left by ranges whose process was killed holds bytes beyond
+    holes: cut it to the prefix its side file vouches for (none if that is
+    unreadable), so that a resume does not take it all as the blob's."""
+    side = dest_path + _HASHED
+    try:
+        with open(side, "rb") as f:
+            text = f.read(64)
+    except FileNotFoundError:
+        return
+    try:
+        keep = int(text.strip() or 0)
+    except ValueError:
+        keep = 0
+    try:
+        if os.path.getsize(dest_path) > keep:
+            os.truncate(dest_path, max(keep, 0))
+    except FileNotFoundError:
+        pass
+    _unlink(side)
 
 
 class _NoRanges(Exception):
