@@ -161,3 +161,150 @@ def test_an_unreadable_layer_is_refused_and_leaves_nothing(tmp_path, blob):
         create(tmp_path, [im.make_layer(im.busybox_rootfs()), layer])
     assert list((tmp_path / "udocker" / "containers").iterdir()) == []
     assert threading.active_count() == before
+
+
+# --- attacks found by review (run/extract.py, run/layer_check.py) ---------------------------
+def _tar(*members):
+    """A plain PAX tar blob of ``(TarInfo, data)`` pairs, as an uncompressed Layer."""
+    import io
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return _blob_layer(buf.getvalue())
+
+
+def _blob_layer(blob):
+    return im.Layer(data=blob, digest=im.sha256(blob), diff_id=im.sha256(blob),
+                    compression="none", media_type=im.OCI_LAYER["none"])
+
+
+def _member(name, type=tarfile.REGTYPE, data=None, mode=0o644, linkname="", pax=None):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname, info.mtime = type, mode, linkname, im.MTIME
+    info.size = len(data) if data is not None else 0
+    info.pax_headers = dict(pax or {})
+    return info, data
+
+
+def _refused(tmp_path, layers, match):
+    with pytest.raises(UnsafeLayer, match=match) as err:
+        create(tmp_path, layers)
+    assert "\n" not in str(err.value)
+    assert list((tmp_path / "udocker" / "containers").iterdir()) == []
+
+
+_ATTACKER = """
+import os, sys
+shared, victim = sys.argv[1:]
+try:
+    os.rename(shared + "/sub", shared + "/old")
+    os.symlink(victim, shared + "/sub")
+    print("swapped")
+except PermissionError as exc:
+    print("denied", exc)
+"""
+
+
+def test_another_user_cannot_swap_a_directory_while_a_container_is_made(tmp_path, nonroot,
+                                                                          monkeypatch):
+    """Between two layers, another local user tries what a 0777 directory of the image
+    allows: rename ``shared/sub`` (checked and remembered as a real directory by the
+    first layer) away and put a symlink to a victim directory in its place.  The
+    container directory is 0700 until it is finished: the attempt is denied."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+    base = Path(tempfile.mkdtemp(prefix="dlu-race-", dir="/tmp"))    # others may enter
+    base.chmod(0o755)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    attempts = []
+    layer = extract._extract_layer
+
+    def attacker_between_layers(root, *args):
+        if attempts == [] and os.path.isdir(os.path.join(root.path, "shared")):
+            attempts.append(nonroot.run([sys.executable, "-c", _ATTACKER,
+                                         os.path.join(root.path, "shared"), str(victim)],
+                                        check=False, cwd="/"))
+        return layer(root, *args)
+    monkeypatch.setattr(extract, "_extract_layer", attacker_between_layers)
+    try:
+        first = _tar(_member("shared", tarfile.DIRTYPE, mode=0o777),
+                     _member("shared/sub/x", data=b"x"))
+        second = _tar(_member("shared/sub/pwned", data=b"pwned"))
+        udir, _, cid = create(base, [first, second])
+        assert [a.returncode for a in attempts] == [0], attempts
+        assert attempts[0].stdout.startswith("denied"), attempts[0].stdout
+        assert list(victim.iterdir()) == []
+        cdir = udir / "containers" / cid
+        assert (cdir / "ROOT/shared/sub/pwned").read_bytes() == b"pwned"
+        assert stat.S_IMODE(os.lstat(cdir).st_mode) == 0o755     # finished: reachable
+        assert stat.S_IMODE(os.lstat(cdir / "ROOT/shared").st_mode) == 0o777
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=True)
+
+
+def _gnu_sparse(name, realsize):
+    """A GNU sparse ('S') member claiming ``realsize`` bytes (one hole), no data."""
+    info = tarfile.TarInfo(name)
+    info.type, info.mtime = tarfile.GNUTYPE_SPARSE, im.MTIME
+    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+
+    def octal(n):
+        return tarfile.itn(n, 12, tarfile.GNU_FORMAT)
+    block[386:398], block[398:410], block[483:495] = octal(realsize), octal(0), octal(realsize)
+    block[148:156] = b" " * 8
+    block[148:156] = ("%06o\0 " % sum(block[:512])).encode()
+    return bytes(block[:512]) + b"\0" * 1024
+
+
+@pytest.mark.parametrize("kind", ["gnu", "pax"])
+def test_a_sparse_member_is_refused_before_its_zeros_are_written(tmp_path, kind):
+    """A few hundred bytes claiming 64 MiB of zeros (terabytes would do as well)."""
+    size = 64 << 20
+    if kind == "gnu":
+        layer = _blob_layer(_gnu_sparse("big", size))
+    else:
+        layer = _tar(_member("big", data=b"", pax={
+            "GNU.sparse.map": "%d,0" % size, "GNU.sparse.size": str(size)}))
+    _refused(tmp_path, [layer], r"member 'big': a sparse file, which image builders")
+
+
+@pytest.mark.parametrize("name", ["a/.wh.keep/", "a/b/.wh.../", "a/.wh.../",
+                                  "a/.wh..wh..opq/", "a/.wh.keep/."])
+def test_a_file_named_with_a_trailing_slash_is_refused(tmp_path, name):
+    """The checker and the extractor read names alike (split_name); a file whose name ends
+    in '/' (which GNU tar would strip) is refused: it deleted ``a/keep`` or all of ``a``."""
+    lower = _tar(_member("a/keep", data=b"k"), _member("a/b/c", data=b"c"))
+    _refused(tmp_path, [lower, _tar(_member(name, data=b""))],
+             r"member %r: a file whose name ends in '/'" % name)
+
+
+def test_a_whiteout_named_directory_is_refused_by_its_normalised_name(tmp_path):
+    lower = _tar(_member("a/keep", data=b"k"))
+    _refused(tmp_path, [lower, _tar(_member("a/.wh.keep/", tarfile.DIRTYPE))],
+             r"member 'a/\.wh\.keep': a whiteout marker that is a directory")
+
+
+@pytest.mark.parametrize("member, match", [
+    (_member("x", data=b"1", pax={"path": "a\0b"}), r"member 'a\\x00b': a NUL character"),
+    (_member("x", tarfile.SYMTYPE, linkname="y", pax={"linkpath": "/etc\0/passwd"}),
+     r"member 'x': a NUL character in its link target"),
+    (_member("d", tarfile.DIRTYPE, pax={"mtime": "1e400"}),
+     r"member 'd': a modification time out of range \(inf\)"),
+    (_member("s", tarfile.SYMTYPE, linkname="x", pax={"mtime": "-1e30"}),
+     r"member 's': a modification time out of range"),
+    (_member("f", data=b"x", pax={"mtime": "nan"}), r"member 'f': a modification time"),
+], ids=["nul-path", "nul-linkpath", "mtime-inf", "mtime-huge-negative", "mtime-nan"])
+def test_a_header_the_extraction_cannot_apply_is_refused_in_one_line(tmp_path, member,
+                                                                      match):
+    _refused(tmp_path, [_tar(member)], "unusable image: layer sha256:[0-9a-f]+, " + match)
+
+
+def test_a_layer_that_is_not_a_tar_is_refused_and_an_empty_tar_is_not(tmp_path):
+    _refused(tmp_path / "text", [_blob_layer(b"hello world\n" * 100)],
+             "its tar stream: it is not a tar archive")
+    udir, _, cid = create(tmp_path / "zeros", [_blob_layer(b"\0" * 1024)])
+    assert list((udir / "containers" / cid / "ROOT").iterdir()) == []

@@ -27,7 +27,9 @@ under ``dev/`` and ``etc/udev/devices/`` are not created (udocker excludes them,
 checker refuses devices elsewhere).
 
 Safety does not rest on the model alone: every directory a member is written into is
-checked to be a real directory (``lstat``, remembered until something is removed), a
+checked to be a real directory (``lstat``, remembered until something is removed: the
+container directory is 0700 until the creation is finished, so only the layers change
+``ROOT`` meanwhile, see :func:`_skeleton`), a
 member's own name is replaced, never followed, and deletes go through
 :func:`.safe_delete.remove_tree`.  Any failure removes the container directory; a
 killed creation leaves a container directory with ``imagerepo.name``, which the runtime
@@ -47,7 +49,8 @@ from pathlib import Path
 
 from ..digest import HashingReader
 from ..errors import LayoutError, RunError, UnsafeLayer
-from .layer_check import OPAQUE, WHITEOUT, StackChecker, plain_stream
+from .layer_check import (OPAQUE, WHITEOUT, StackChecker, is_whiteout, plain_stream,
+                          split_name)
 from .safe_delete import remove_tree
 from .udocker_repo import STATE_DIR, TAG, repo_name
 
@@ -93,6 +96,7 @@ def create_container(udocker_dir, repo, layout, name):
         root.finish()
         with open(cdir / "container.json", "w") as f:
             json.dump(layout.config(), f)
+        os.chmod(cdir, _DIR_MODE)               # finished: others may reach it now
         os.symlink(cid, containers / name)      # udocker's name link: relative
     except BaseException:
         remove_tree(cdir, containers)
@@ -105,14 +109,20 @@ def _skeleton(cdir, image, work_dir):
     ``work_dir`` and renamed into place: a container directory never lacks its
     ``imagerepo.name``, by which an interrupted creation is recognised (see
     :meth:`.Runtime.containers`).  (A skeleton left by a kill is pruned with the other
-    ``run/tmp*`` leftovers.)"""
+    ``run/tmp*`` leftovers.)
+
+    ``cdir`` is 0700 until the creation is finished (:func:`create_container` then makes
+    it 0755): the layers' modes apply as each is extracted, so an image's 0777 directory
+    (or its 1777 ``tmp``) would otherwise let another local user swap a directory for a
+    symlink between two writes into it, and the extraction trusts what it checked in
+    ``ROOT`` for the rest of the creation (the checks are against the image, not against
+    other users).  No one but us (and root) can reach anything under a 0700 directory."""
     work_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="tmp", dir=work_dir))
     try:
         os.mkdir(tmp / "ROOT", 0o700)
         (tmp / "imagerepo.name").write_text(image)
-        for d in (tmp, tmp / "ROOT"):
-            os.chmod(d, _DIR_MODE)
+        os.chmod(tmp / "ROOT", _DIR_MODE)       # tmp stays 0700 (mkdtemp's) until finished
         os.rename(tmp, cdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)      # our own, just made: no symlinks
@@ -282,9 +292,8 @@ class _Root:
 
     def apply(self, plan, spool):
         for info in plan:
-            parts = [p for p in info.name.split("/") if p not in ("", ".")]
-            base = parts[-1] if parts else ""
-            if base.startswith(WHITEOUT):
+            parts = split_name(info.name)       # the checker's reading of the name
+            if is_whiteout(parts):
                 self._whiteout(parts)
             else:
                 self._member("/".join(parts), info, spool)
@@ -373,7 +382,7 @@ class _Root:
         elif info.issym():
             make = functools.partial(os.symlink, info.linkname)
         elif info.islnk():
-            target = "/".join(p for p in info.linkname.split("/") if p not in ("", "."))
+            target = "/".join(split_name(info.linkname))
             if not self._is_dir(target.rpartition("/")[0], create=False):
                 raise RunError("hard link %s: its target %s is missing"
                                % (info.name, info.linkname))

@@ -28,7 +28,23 @@ naming the layer and member when
   are excluded by udocker and never created), or of a type other than file, directory,
   symlink, hardlink, device or FIFO (GNU tar gives some of those a meaning of its own);
 * the tar stream is unreadable or ambiguous (data after a damaged header or after the end
-  marker, which GNU tar may read differently than this parser).
+  marker, which GNU tar may read differently than this parser; a non-empty layer whose
+  first block is not a tar header, which GNU tar rejects and this parser would read as an
+  empty layer).
+
+Before a member's data is read, its header must be one the extraction can apply exactly
+(:func:`_check_header`, "unusable image": damaged or unusual, not an attack on the host):
+no NUL in its name or link target (PAX headers can carry one), an mtime that is a finite
+number within +-2**33 seconds (PAX allows ``1e400``), no ``/`` (or ``/.``) ending the name
+of a non-directory, and not a sparse member.  Sparse members (GNU ``S`` headers, PAX
+``GNU.sparse.*``) are refused rather than written with holes: image builders (docker,
+buildkit, buildah, podman and kaniko all write through Go's ``archive/tar``, which writes
+no sparse members) do not make them, only ``tar -S`` does, and a 1.5 KB member can claim
+terabytes of zeros, which tarfile would write as real blocks.
+
+A member is classified (whiteout, opaque marker or entry) by :func:`split_name`'s
+normalised components, by this checker and by the extractor alike: the two can never
+disagree on what a name means.
 
 FIFOs are allowed (any user can make one; it reaches nothing outside the container).
 Setuid/setgid bits are allowed: the extraction never sets them, as root or not (the tests
@@ -39,12 +55,13 @@ exist until something certainly removed it, so an image is at worst refused, nev
 through.  Pure: no I/O beyond reading the streams given to :meth:`StackChecker.check_layer`.
 """
 import gzip
+import math
 import tarfile
 import zlib
 
 from ..errors import UdockerError, UnsafeLayer
 
-__all__ = ["StackChecker", "plain_stream"]
+__all__ = ["StackChecker", "plain_stream", "split_name", "is_whiteout"]
 
 OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
@@ -63,7 +80,27 @@ class _Node:
 
 
 class _Refused(Exception):
-    """Internal: why a member is refused (turned into UnsafeLayer with the layer's name)."""
+    """Internal: why a member is refused (turned into UnsafeLayer with the layer's name).
+
+    ``member``: the member, when it is refused while the stream is read; ``unusable``:
+    the layer is damaged or unusual rather than an attack."""
+
+    def __init__(self, reason, member=None, unusable=False):
+        super().__init__(reason)
+        self.member, self.unusable = member, unusable
+
+
+def split_name(name, what="name"):
+    """The components of a member name (or hardlink target) inside the root, ``.`` and
+    empty ones dropped: THE reading of a name, the checker's and the extractor's.  An
+    absolute name or a ``..`` component is refused (the checker's UnsafeLayer)."""
+    return _parts(name, what)
+
+
+def is_whiteout(parts):
+    """Whether a member of these components (from :func:`split_name`) is a whiteout or
+    opaque marker to udocker."""
+    return bool(parts) and parts[-1].startswith(WHITEOUT)
 
 
 def _parts(name, what="name"):
@@ -74,6 +111,29 @@ def _parts(name, what="name"):
     if ".." in parts:
         raise _Refused("%s climbs out with '..'" % what)
     return parts
+
+
+_MTIME_LIMIT = 2 ** 33      # seconds either side of 1970 (year 2242): fits every time_t
+
+
+def _check_header(info):
+    """Refuse a header the extraction cannot apply exactly (see the module doc); called
+    before the member's data is read."""
+    def refuse(reason):
+        raise _Refused(reason, member=info, unusable=True)
+    if "\x00" in info.name or "\x00" in info.linkname:
+        refuse("a NUL character in its %s" % ("name" if "\x00" in info.name
+                                               else "link target"))
+    mtime = info.mtime
+    if not isinstance(mtime, (int, float)) or not math.isfinite(mtime) \
+            or abs(mtime) >= _MTIME_LIMIT:
+        refuse("a modification time out of range (%r)" % (mtime,))
+    if info.issparse() or any(k.startswith("GNU.sparse.") for k in info.pax_headers):
+        refuse("a sparse file, which image builders do not write (rebuild the layer "
+               "without 'tar -S')")
+    if not info.isdir() and info.name.rpartition("/")[2] in ("", "."):
+        refuse("a %s whose name ends in '/' or '/.', as only a directory's may"
+               % _kind(info))
 
 
 def _udocker_skips(parts):
@@ -128,6 +188,19 @@ def plain_stream(raw):
     return _Stream(raw).plain()
 
 
+class _FirstBlock:
+    """A binary stream that keeps the first 512 bytes read from it in ``first``."""
+
+    def __init__(self, raw):
+        self._raw, self.first = raw, b""
+
+    def read(self, size=-1):
+        data = self._raw.read(size)
+        if len(self.first) < tarfile.BLOCKSIZE:
+            self.first += data[:tarfile.BLOCKSIZE - len(self.first)]
+        return data
+
+
 class StackChecker:
     """Check the layers of one image in manifest order (see the module doc)."""
 
@@ -156,7 +229,12 @@ class StackChecker:
                     plan.append(member)
             return plan
         except _Refused as exc:
+            member = exc.member or member
             where = "member %r" % member.name if member is not None else "its tar stream"
+            if exc.unusable:
+                raise UnsafeLayer(
+                    "unusable image: layer %s, %s: %s; nothing was extracted (rebuild the "
+                    "image with a standard tool)" % (digest, where, exc)) from None
             raise UnsafeLayer(
                 "unsafe image: layer %s, %s: %s; it could write outside its container, "
                 "so nothing was extracted (do not run this image)" % (digest, where, exc)
@@ -167,7 +245,7 @@ class StackChecker:
     def _read(stream, on_member=None, decompressed=False):
         """The layer's members (metadata only), every header accounted for."""
         try:
-            plain = stream if decompressed else plain_stream(stream)
+            plain = _FirstBlock(stream if decompressed else plain_stream(stream))
             members, expected = [], 0
             # ignore_zeros: also read past the end marker and damaged headers, and refuse
             # anything found there (GNU tar may resynchronise on it)
@@ -178,9 +256,13 @@ class StackChecker:
                         raise _Refused("member %r follows a damaged header or the end of the "
                                        "archive" % info.name)
                     expected = tar.offset
+                    _check_header(info)
                     members.append(info)
                     if on_member is not None:
                         on_member(tar, info)
+            if not members and plain.first.strip(b"\0"):
+                raise _Refused("it is not a tar archive (its first block is not a tar "
+                               "header)", unusable=True)
             return members
         except (_Refused, UdockerError):    # UdockerError: on_member's own
             raise
@@ -192,7 +274,7 @@ class StackChecker:
 
     @staticmethod
     def _is_whiteout(info):
-        return info.name.rpartition("/")[2].startswith(WHITEOUT)
+        return is_whiteout(split_name(info.name))
 
     # --- the model -------------------------------------------------------------------------
     def _parent(self, parts, create, what="its path"):
