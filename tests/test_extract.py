@@ -282,6 +282,13 @@ def test_a_file_named_with_a_trailing_slash_is_refused(tmp_path, name):
              r"member %r: a file whose name ends in '/'" % name)
 
 
+@pytest.mark.parametrize("target", ["a/keep/", "a/keep/."])
+def test_a_hardlink_to_a_name_with_a_trailing_slash_is_refused(tmp_path, target):
+    lower = _tar(_member("a/keep", data=b"k"))
+    _refused(tmp_path, [lower, _tar(_member("h", tarfile.LNKTYPE, linkname=target))],
+             r"member 'h': a hardlink whose target ends in '/'")
+
+
 def test_a_whiteout_named_directory_is_refused_by_its_normalised_name(tmp_path):
     lower = _tar(_member("a/keep", data=b"k"))
     _refused(tmp_path, [lower, _tar(_member("a/.wh.keep/", tarfile.DIRTYPE))],

@@ -36,7 +36,7 @@ Before a member's data is read, its header must be one the extraction can apply 
 (:func:`_check_header`, "unusable image": damaged or unusual, not an attack on the host):
 no NUL in its name or link target (PAX headers can carry one), an mtime that is a finite
 number within +-2**33 seconds (PAX allows ``1e400``), no ``/`` (or ``/.``) ending the name
-of a non-directory, and not a sparse member.  Sparse members (GNU ``S`` headers, PAX
+of a non-directory or a hardlink's target, and not a sparse member.  Sparse members (GNU ``S`` headers, PAX
 ``GNU.sparse.*``) are refused rather than written with holes: image builders (docker,
 buildkit, buildah, podman and kaniko all write through Go's ``archive/tar``, which writes
 no sparse members) do not make them, only ``tar -S`` does, and a 1.5 KB member can claim
@@ -134,6 +134,8 @@ def _check_header(info):
     if not info.isdir() and info.name.rpartition("/")[2] in ("", "."):
         refuse("a %s whose name ends in '/' or '/.', as only a directory's may"
                % _kind(info))
+    if info.islnk() and info.linkname.rpartition("/")[2] in ("", "."):
+        refuse("a hardlink whose target ends in '/' or '/.' (GNU tar would follow it)")
 
 
 def _udocker_skips(parts):
