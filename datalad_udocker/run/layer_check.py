@@ -276,7 +276,11 @@ class StackChecker:
 
     @staticmethod
     def _is_whiteout(info):
-        return is_whiteout(split_name(info.name))
+        try:
+            return is_whiteout(split_name(info.name))
+        except _Refused as exc:     # raised in a filter, before the loop names the member
+            exc.member = info
+            raise
 
     # --- the model -------------------------------------------------------------------------
     def _parent(self, parts, create, what="its path"):
