@@ -30,8 +30,8 @@ Safety does not rest on the model alone: every directory a member is written int
 checked to be a real directory (``lstat``, remembered until something is removed), a
 member's own name is replaced, never followed, and deletes go through
 :func:`.safe_delete.remove_tree`.  Any failure removes the container directory; a
-killed creation leaves a container directory with ``imagerepo.name``, which the runtime
-lists as a leftover and prunes.
+killed creation leaves a container directory with ``imagerepo.name``, which the container
+cache lists as a leftover and prunes.
 """
 import contextlib
 import functools
@@ -104,7 +104,7 @@ def _skeleton(cdir, image, work_dir):
     """``cdir`` with an empty ``ROOT`` and ``imagerepo.name`` (udocker's), made in
     ``work_dir`` and renamed into place: a container directory never lacks its
     ``imagerepo.name``, by which an interrupted creation is recognised (see
-    :meth:`.Runtime.containers`).  (A skeleton left by a kill is pruned with the other
+    :meth:`.ContainerCache.containers`).  (A skeleton left by a kill is pruned with the other
     ``run/tmp*`` leftovers.)"""
     work_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="tmp", dir=work_dir))
