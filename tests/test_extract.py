@@ -136,7 +136,7 @@ def test_the_extractor_never_writes_through_a_symlink(tmp_path):
 def test_prune_drops_the_image_feeds_of_earlier_versions(tmp_path):
     """Earlier versions fed images into udocker's ``repos/`` (symlinks to the blobs) for
     ``udocker create``; a prune removes such a feed, never what its links point to."""
-    from datalad_udocker.run.runtime import Runtime
+    from datalad_udocker.run.cache import ContainerCache
     blob = tmp_path / "blob"
     blob.write_bytes(b"layer")
     udir = tmp_path / "udocker"
@@ -144,7 +144,7 @@ def test_prune_drops_the_image_feeds_of_earlier_versions(tmp_path):
     tag_dir.mkdir(parents=True)
     (tag_dir / "TAG").write_text("x")
     (tag_dir / ("sha256:" + "cd" * 32)).symlink_to(blob)
-    Runtime(udir, "P1").prune()
+    ContainerCache(udir, "P1").prune()
     assert list((udir / "repos" / "datalad-udocker").iterdir()) == []
     assert blob.read_bytes() == b"layer"
 

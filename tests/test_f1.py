@@ -76,8 +76,8 @@ def mapped(maps: str, name: str) -> set:
 def test_f1_runs_the_image_loader_recorded_at_creation(nonroot, glibc, f1env):
     env, log = f1env
     created = nonroot.run([PY, "-c", (
-        "import json, sys; from datalad_udocker.run.runtime import Runtime\n"
-        "print(json.dumps(Runtime(execmode='F1').ensure_container(sys.argv[1]).path))"),
+        "import json, sys; from datalad_udocker.run.cache import ContainerCache\n"
+        "print(json.dumps(ContainerCache(execmode='F1').ensure_container(sys.argv[1]).path))"),
         str(glibc)], env=env)
     root = Path(json.loads(created.stdout.splitlines()[-1])).resolve() / "ROOT"
     # creation found the loader with a handful of patchelf calls, none with -q, and udocker

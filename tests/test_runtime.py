@@ -87,8 +87,8 @@ def api(nonroot, udir, code: str):
 
 def cached(nonroot, udir):
     return api(nonroot, udir, (
-        "import json, dataclasses; from datalad_udocker.run.runtime import Runtime\n"
-        "print(json.dumps([dataclasses.asdict(c) for c in Runtime().containers()]))"))
+        "import json, dataclasses; from datalad_udocker.run.cache import ContainerCache\n"
+        "print(json.dumps([dataclasses.asdict(c) for c in ContainerCache().containers()]))"))
 
 
 def udocker_container_dirs(udir: Path):
@@ -303,8 +303,8 @@ def test_list_and_prune(nonroot, udir, images):
     try:
         assert busy.stdout.readline() == "started\n"
         got = api(nonroot, udir, (
-            "import json; from datalad_udocker.run.runtime import Runtime\n"
-            "removed, busy = Runtime().prune()\n"
+            "import json; from datalad_udocker.run.cache import ContainerCache\n"
+            "removed, busy = ContainerCache().prune()\n"
             "print(json.dumps([[c.image for c in removed], [c.image for c in busy]]))"))
         assert busy.communicate("done\n", timeout=60)[0] == "done\n"
     finally:

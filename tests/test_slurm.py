@@ -29,7 +29,7 @@ import pytest
 from fixtures.util import REPO_ROOT, wait_until
 
 from datalad_udocker.dataset.layout import OCILayout
-from datalad_udocker.run.runtime import container_name
+from datalad_udocker.run.cache import container_name
 from datalad_udocker.run.udocker_repo import STATE_DIR
 
 pytestmark = pytest.mark.timeout(900)

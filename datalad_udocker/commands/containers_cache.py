@@ -12,7 +12,7 @@ from datalad.support.param import Parameter
 from datalad.utils import bytes2human
 
 from ..errors import UdockerError
-from ..run.runtime import Runtime, disk_usage, known_udocker_dirs
+from ..run.cache import ContainerCache, disk_usage, known_udocker_dirs
 from .results import failure, render_result
 
 lgr = logging.getLogger("datalad.udocker.containers")
@@ -72,12 +72,13 @@ class UdockerContainers(Interface):
                              purpose="find the udocker directory") \
             if dataset is not None else None
         try:
-            runtime = Runtime(execmode="P1", dataset=ds)   # mode-independent
-            udir = str(runtime.udocker_dir)
+            # the cache is the same for every mode
+            cache = ContainerCache(execmode="P1", dataset=ds)
+            udir = str(cache.udocker_dir)
             if prune:
-                yield from _prune(runtime, older_than)
+                yield from _prune(cache, older_than)
             else:
-                yield from _list(runtime)
+                yield from _list(cache)
         except (UdockerError, OSError) as exc:
             yield failure(exc, action, None, lgr)
             return
@@ -85,7 +86,7 @@ class UdockerContainers(Interface):
             if other == udir or not os.path.isdir(other):
                 continue
             try:
-                count = len(Runtime(other, "P1").containers())
+                count = len(ContainerCache(other, "P1").containers())
             except OSError:         # gone or unreadable by now: not ours
                 continue
             if count:
@@ -130,48 +131,48 @@ class UdockerContainers(Interface):
                 removed[0]["udocker_dir"]))
 
 
-def _list(runtime):
-    entries = runtime.containers()
+def _list(cache):
+    entries = cache.containers()
     for entry in entries:
-        yield _record(runtime, entry, "udocker_containers", "ok",
+        yield _record(cache, entry, "udocker_containers", "ok",
                       size=disk_usage(entry.path))
     if not entries:
         yield get_status_dict(
-            action="udocker_containers", path=str(runtime.udocker_dir),
+            action="udocker_containers", path=str(cache.udocker_dir),
             type="directory", status="notneeded", logger=lgr,
-            udocker_dir=str(runtime.udocker_dir),
+            udocker_dir=str(cache.udocker_dir),
             message="no cached containers")
 
 
-def _prune(runtime, older_than):
+def _prune(cache, older_than):
     # sizes first: what a removal frees is measured before it happens
-    sizes = {e.name: disk_usage(e.path) for e in runtime.containers()}
-    removed, busy = runtime.prune(
+    sizes = {e.name: disk_usage(e.path) for e in cache.containers()}
+    removed, busy = cache.prune(
         None if older_than is None else older_than * 86400)
     for entry in removed:
         size = sizes.get(entry.name, 0)
-        yield _record(runtime, entry, "udocker_prune", "ok", size=size,
+        yield _record(cache, entry, "udocker_prune", "ok", size=size,
                       message="removed, %s freed" % bytes2human(size))
     for entry in busy:
-        yield _record(runtime, entry, "udocker_prune", "impossible",
+        yield _record(cache, entry, "udocker_prune", "impossible",
                       size=sizes.get(entry.name, 0),
                       message="in use by a running command, kept")
     if not removed and not busy:
         kept = len(sizes)
         yield get_status_dict(
-            action="udocker_prune", path=str(runtime.udocker_dir),
+            action="udocker_prune", path=str(cache.udocker_dir),
             type="directory", status="notneeded", logger=lgr,
-            udocker_dir=str(runtime.udocker_dir), message=(
+            udocker_dir=str(cache.udocker_dir), message=(
                 "nothing to prune: no cached containers" if not kept else
                 "nothing to prune: all %d cached container(s) were used in "
                 "the last %g day(s)" % (kept, older_than or 0)))
 
 
-def _record(runtime, entry, action, status, size, message=None):
+def _record(cache, entry, action, status, size, message=None):
     return get_status_dict(
         action=action, path=entry.path, type="directory", status=status,
         message=message, logger=lgr, name=entry.name,
         container_id=entry.container_id,
         manifest_digest=entry.manifest_digest, execmode=entry.execmode,
         image=entry.image, created=entry.created, last_used=entry.last_used,
-        size=size, udocker_dir=str(runtime.udocker_dir))
+        size=size, udocker_dir=str(cache.udocker_dir))

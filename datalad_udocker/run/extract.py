@@ -32,8 +32,8 @@ container directory is 0700 until the creation is finished, so only the layers c
 ``ROOT`` meanwhile, see :func:`_skeleton`), a
 member's own name is replaced, never followed, and deletes go through
 :func:`.safe_delete.remove_tree`.  Any failure removes the container directory; a
-killed creation leaves a container directory with ``imagerepo.name``, which the runtime
-lists as a leftover and prunes.
+killed creation leaves a container directory with ``imagerepo.name``, which the container
+cache lists as a leftover and prunes.
 """
 import contextlib
 import functools
@@ -108,7 +108,7 @@ def _skeleton(cdir, image, work_dir):
     """``cdir`` with an empty ``ROOT`` and ``imagerepo.name`` (udocker's), made in
     ``work_dir`` and renamed into place: a container directory never lacks its
     ``imagerepo.name``, by which an interrupted creation is recognised (see
-    :meth:`.Runtime.containers`).  (A skeleton left by a kill is pruned with the other
+    :meth:`.ContainerCache.containers`).  (A skeleton left by a kill is pruned with the other
     ``run/tmp*`` leftovers.)
 
     ``cdir`` is 0700 until the creation is finished (:func:`create_container` then makes

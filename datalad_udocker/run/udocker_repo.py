@@ -3,7 +3,7 @@
 Containers are created by :mod:`.extract` (udocker's ``create`` is not used): each
 records its image as udocker does in ``imagerepo.name``, under the repository name
 ``datalad-udocker/<manifest hex>`` and tag ``latest`` (:func:`repo_name`), by which the
-runtime recognises containers made from our images.  Earlier versions fed images into
+container cache recognises containers made from our images.  Earlier versions fed images into
 udocker's ``repos/`` (a tag directory of symlinks to the layout's blobs, for ``udocker
 create``); :meth:`UdockerRepo.fed_digests` and :meth:`UdockerRepo.remove` let a prune
 remove those.
