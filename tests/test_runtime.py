@@ -532,3 +532,31 @@ def test_mount_points_never_follow_a_symlink(tmp_path):
     (root / str(tmp_path)[1:]).unlink()
     make_mount_points(root, [str(ds)])
     assert (root / str(ds)[1:]).is_dir()
+
+
+def test_launcher_fails_a_run_proot_could_not_enter_the_workdir_of(nonroot):
+    """PRoot only warns when the working directory is not in the guest (a bind missing)
+    and runs the command in / instead; the launcher stops the command and fails the run
+    with a one-line error, so that no run "succeeds" without its dataset."""
+    from datalad_udocker.run.tools import PROOT_LAUNCHER
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox (static) is needed: apt-get install busybox-static"
+    root = nonroot.make_tempdir("udtest-root-")
+    try:
+        shutil.copy(busybox, root / "busybox")
+        nonroot.chown(root / "busybox")
+        res = nonroot.run([*PROOT_LAUNCHER, shutil.which("proot"), "-r", str(root),
+                           "-w", "/no/such/dir", "/busybox", "sh", "-c",
+                           "/busybox sleep 600 & /busybox pwd; /busybox sleep 600"],
+                          check=False, timeout=120)
+        assert res.returncode == 125, (res.stdout, res.stderr)
+        assert res.stderr.startswith("datalad-udocker: error: the working directory is "
+                                     "not in the container"), res.stderr
+        assert len(res.stderr.splitlines()) == 1 and res.stdout in ("", "/\n"), res.stderr
+        # a working directory that is there runs as always
+        res = nonroot.run([*PROOT_LAUNCHER, shutil.which("proot"), "-r", str(root),
+                           "-w", "/", "/busybox", "sh", "-c", "/busybox pwd"], check=False,
+                          timeout=120)
+        assert (res.returncode, res.stdout, res.stderr) == (0, "/\n", "")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
