@@ -463,3 +463,100 @@ def test_warm_run_same_as_through_udocker(nonroot, udir, images, workdir, mode):
     os.utime(passwd, (1, 1))
     assert run("true") == (0, "", "")
     assert fast_record(udir).stat().st_ino != ino
+
+
+
+# --- concurrent runs on one container: PRoot's mount points --------------------------------
+@pytest.mark.parametrize("mode", ["P1", "P2"])
+def test_concurrent_runs_keep_their_dataset_bound(nonroot, udir, images, mode):
+    """PRoot makes a missing mount point (the dataset's path and its parents,
+    /etc/resolv.conf...) in the container's ROOT and removes it when it ends: with one
+    container shared by concurrent runs, one run's removal raced another's start, which
+    then ran without its dataset (in /, after a mere PRoot warning, writing its files
+    into the container).  The runtime makes the mount points itself, and they stay:
+    concurrent runs, each in its own dataset under one parent, all see theirs."""
+    parent = nonroot.make_tempdir("udtest-many-")
+    datasets = [parent / f"task-{i}" for i in range(8)]
+    for ds in datasets:
+        ds.mkdir()
+        nonroot.chown(ds)
+    env = nonroot.env({"DATALAD_UDOCKER_DIR": str(udir)})
+    try:
+        assert run_cli(nonroot, udir, images["busybox"], "true", mode=mode,
+                       dataset=datasets[0], cwd=datasets[0]).returncode == 0   # created
+        for round_ in range(4):
+            procs = [start(nonroot.command([
+                PY, "-m", "datalad_udocker.run.cli", "--execmode", mode, "--dataset",
+                str(ds), str(images["busybox"]), "sh", "-c", f"pwd > r{round_}.txt"]),
+                env=env, cwd=str(ds), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True) for ds in datasets]
+            try:
+                results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+            finally:
+                kill_group(*procs)
+            assert results == [("", "", 0)] * len(datasets), (round_, results)
+            for ds in datasets:
+                assert (ds / f"r{round_}.txt").read_text() == f"{ds}\n"
+        assert not list(udir.glob("containers/*/ROOT/r*.txt"))
+        # the mount points are there for good: a run makes or removes nothing in ROOT
+        root = udir / "containers" / udocker_container_dirs(udir)[0] / "ROOT"
+        assert all((root / str(ds)[1:]).is_dir() for ds in datasets)
+        assert (root / "etc" / "resolv.conf").is_file() == os.path.exists("/etc/resolv.conf")
+        dirs = [root / "etc", root / "tmp", root / str(parent)[1:]]
+        before = [d.stat().st_mtime_ns for d in dirs]
+        assert run_cli(nonroot, udir, images["busybox"], "true", mode=mode,
+                       dataset=datasets[1], cwd=datasets[1]).returncode == 0
+        assert [d.stat().st_mtime_ns for d in dirs] == before
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+
+def test_mount_points_never_follow_a_symlink(tmp_path):
+    """An image's symlink (absolute: the host's path under PRoot's view) on the way to a
+    mount point is not followed: nothing is made outside the container's ROOT."""
+    from datalad_udocker.run.runtime import make_mount_points
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "ROOT"
+    root.mkdir()
+    (root / str(tmp_path.parent)[1:]).mkdir(parents=True)
+    (root / str(tmp_path)[1:]).symlink_to(outside)       # the way to the dataset
+    (root / "etc").symlink_to(outside)                   # /etc/resolv.conf's
+    (root / "dev").write_text("")                        # not a directory
+    make_mount_points(root, [str(ds), "/../up"])
+    assert not list(outside.iterdir())
+    assert (root / "dev").is_file() and not (tmp_path / "up").exists()
+    (root / str(tmp_path)[1:]).unlink()
+    make_mount_points(root, [str(ds)])
+    assert (root / str(ds)[1:]).is_dir()
+
+
+def test_launcher_fails_a_run_proot_could_not_enter_the_workdir_of(nonroot):
+    """PRoot only warns when the working directory is not in the guest (a bind missing)
+    and runs the command in / instead; the launcher stops the command and fails the run
+    with a one-line error, so that no run "succeeds" without its dataset."""
+    from datalad_udocker.run.tools import PROOT_LAUNCHER
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox (static) is needed: apt-get install busybox-static"
+    root = nonroot.make_tempdir("udtest-root-")
+    try:
+        shutil.copy(busybox, root / "busybox")
+        nonroot.chown(root / "busybox")
+        res = nonroot.run([*PROOT_LAUNCHER, shutil.which("proot"), "-r", str(root),
+                           "-w", "/no/such/dir", "/busybox", "sh", "-c",
+                           "/busybox sleep 600 & /busybox pwd; /busybox sleep 600"],
+                          check=False, timeout=120)
+        assert res.returncode == 125, (res.stdout, res.stderr)
+        assert res.stderr.startswith("datalad-udocker: error: the working directory is "
+                                     "not in the container"), res.stderr
+        assert len(res.stderr.splitlines()) == 1 and res.stdout in ("", "/\n"), res.stderr
+        # a working directory that is there runs as always
+        res = nonroot.run([*PROOT_LAUNCHER, shutil.which("proot"), "-r", str(root),
+                           "-w", "/", "/busybox", "sh", "-c", "/busybox pwd"], check=False,
+                          timeout=120)
+        assert (res.returncode, res.stdout, res.stderr) == (0, "/\n", "")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

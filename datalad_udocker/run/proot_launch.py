@@ -21,7 +21,11 @@ in milliseconds.  It
 3. passes TERM, INT, HUP, QUIT, USR1 and USR2 on to the process PRoot
    started (PRoot ignores them), as ``docker run`` does; :mod:`.supervise`
    above kills what is left after a grace period;
-4. exits with the main command's status as Docker reports it: its exit code,
+4. stops the command (SIGKILL to every process PRoot traces) and exits
+   with status 125 and a one-line error if PRoot says it could not enter the
+   working directory: PRoot only warns and runs the command in "/" (a bind
+   missing in the container), where it would do its work out of sight;
+5. exits with the main command's status as Docker reports it: its exit code,
    or 128+N when a signal N killed it.  PRoot itself exits with the status
    of the *last* process that exited normally (255 when none did), so the
    status is taken from its per-process lines: ``vpid 1`` (PRoot >= 5.2
@@ -69,6 +73,10 @@ UNTRANSLATED = {    # machine -> {audit architecture: numbers}
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2)
 _PREFIX = b"proot info: "
+# PRoot could not enter the working directory in the guest (its bind is
+# missing): it only warns and runs the command in "/" instead
+_NO_CWD = b"proot warning: can't chdir("
+NO_CWD_STATUS = 125         # datalad-udocker-run's status for its own failures
 HOLD = 0.2    # seconds a partial line that may be PRoot's waits for the rest
 
 
@@ -138,6 +146,7 @@ class StderrFilter:
         self.last = None      # status of the last process to end (as Docker)
         self.vpid1 = None     # status of PRoot >= 5.2's vpid 1, the command
         self.broken = False
+        self.no_cwd = None    # PRoot's warning that it ran the command in /
         # PRoot's start-up note "argv = ..." quotes the command's arguments
         # raw: an argument with newlines continues over the next lines, up to
         # the note "initial cwd = ..." that always follows it
@@ -183,6 +192,9 @@ class StderrFilter:
                     continue        # more of the quoted arguments
                 self.in_argv = False
             if at < 0:
+                if line.startswith(_NO_CWD) and self.no_cwd is None:
+                    self.no_cwd = line.strip()
+                    continue
                 kept.append(line)
                 continue
             kept.append(line[:at])
@@ -233,6 +245,36 @@ def forward(proot, signum):
         pass        # not started or gone: the supervisor's grace kill ends it
 
 
+def _descendants(pid):
+    """The pids of ``pid``'s children, theirs..., as /proc lists them now."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir("/proc/%d/task" % parent)
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open("/proc/%d/task/%s/children" % (parent, task)) as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def stop_tracees(proot_pid):
+    """SIGKILL every process PRoot traces (never PRoot itself: its tracees
+    would go on untraced, seeing the host's files); PRoot then ends."""
+    for pid in _descendants(proot_pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def main(argv):
     if len(argv) < 1:
         sys.stderr.write("usage: proot_launch.py PROOT [ARGS...]\n")
@@ -270,15 +312,27 @@ def main(argv):
                 not select.select([read_end], [], [], HOLD)[0]:
             filt.flush()
             continue
+        if filt.no_cwd is not None and \
+                not select.select([read_end], [], [], HOLD)[0]:
+            stop_tracees(pid)   # again: one may have forked meanwhile
+            continue
         data = os.read(read_end, 65536)
         if not data:
             break
         filt.feed(data)
+        if filt.no_cwd is not None:
+            stop_tracees(pid)   # each tracee holds the pipe: we read on
         if filt.broken:       # our stderr is gone: the command's goes too
             break
     os.close(read_end)
     filt.close()
     _, wait_status = os.waitpid(pid, 0)
+    if filt.no_cwd is not None:
+        os.write(2, ("datalad-udocker: error: the working directory is not in "
+                     "the container, its bind is missing (%s): the command "
+                     "was stopped\n" % filt.no_cwd.decode(errors="replace")
+                     ).encode())
+        return NO_CWD_STATUS
     if os.WIFSIGNALED(wait_status):       # PRoot itself was killed
         return 128 + os.WTERMSIG(wait_status)
     return filt.status(os.WEXITSTATUS(wait_status))

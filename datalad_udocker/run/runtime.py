@@ -118,6 +118,9 @@ class Runtime:
                 self.execmode, layout.config().get("config") or {},
                 entry.path, self.state_dir, env)
             opts += self._site_volumes(entry)
+            if self.execmode in SITE_MODES and \
+                    self._udocker_for(entry) is self.udocker:
+                make_mount_points(Path(entry.path) / "ROOT", binds)
             if entrypoint:
                 opts.append("--entrypoint=" + entrypoint)
             if self.execmode == "F1":
@@ -182,6 +185,58 @@ def plan_mounts(dataset, cwd=None):
         if cwd == root or cwd.startswith(root.rstrip("/") + "/"):
             return binds, cwd
     return binds, ds
+
+
+# the host paths udocker's PRoot engine binds at themselves when they exist
+# (its ``sysdirs_list``)
+PROOT_SYSTEM_BINDS = ("/dev", "/proc", "/sys", "/etc/resolv.conf",
+                      "/etc/host.conf", "/lib/modules")
+
+
+def make_mount_points(root, binds):
+    """Make the mount points of a P1/P2 run in the container's ``root``: the
+    paths of ``binds`` and udocker's system binds, each a directory or an
+    empty file as its host path is; what exists is left as it is.
+
+    PRoot makes a missing one itself and removes it when it ends: in a
+    container shared by concurrent runs, one run's removal then races
+    another's start, which runs without its bind (without the dataset, in
+    /, after a mere PRoot warning).  Ours stay, so PRoot neither makes nor
+    removes any.  No symlink in ``root`` is followed (one could lead out of
+    it): such a path, or one that cannot be made, is left to PRoot.
+    """
+    for path in list(binds) + [p for p in PROOT_SYSTEM_BINDS
+                               if os.path.exists(p)]:
+        for _ in range(3):      # a PRoot of another run removed a parent
+            try:
+                _make_mount_point(str(root), path, os.path.isdir(path))
+                break
+            except FileNotFoundError:
+                continue
+            except OSError:     # a symlink, a non-directory, no permission
+                break
+
+
+def _make_mount_point(root, path, directory):
+    parts = path.split("/")[1:]
+    if not path.startswith("/") or not all(
+            p not in ("", ".", "..") for p in parts):
+        return
+    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    fd = os.open(root, nofollow)
+    try:
+        for name in parts[:-1] if not directory else parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=fd)
+            sub = os.open(name, nofollow, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        if not directory:
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(parts[-1], os.O_WRONLY | os.O_CREAT |
+                                 os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
 
 
 def volume_options(binds, execmode, state_dir):
