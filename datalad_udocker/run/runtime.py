@@ -119,7 +119,7 @@ class Runtime:
                 entry.path, self.state_dir, env)
             opts += self._site_volumes(entry)
             if self.execmode in SITE_MODES and \
-                    self._udocker_for(entry) is self.udocker:
+                    self.cache.udocker_for(entry) is self.cache.udocker:
                 make_mount_points(Path(entry.path) / "ROOT", binds)
             if entrypoint:
                 opts.append("--entrypoint=" + entrypoint)
