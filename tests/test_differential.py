@@ -438,6 +438,12 @@ def rootfs_known(mode: str, umoci: Dict[str, tuple]) -> Dict[str, tuple]:
         want[path] = (entry[0], bits) + entry[2:]
     # "." is no layer's: created under umask 0022 whatever the caller's
     want["."] = ("dir", 0o755)
+    if mode in ("P1", "P2"):
+        # the runner makes the mount points of udocker's system binds the image lacks (empty
+        # files, kept: PRoot made and removed them per run, racing concurrent runs)
+        for name in ("host.conf", "resolv.conf"):
+            want.setdefault(f"etc/{name}", ("file", 0o666 & ~umask,
+                                            hashlib.sha256(b"").hexdigest()))
     if mode == "R1":
         # issue 9 item 6: udocker's R1 setup points the identity and resolver files at
         # copies it binds under /.bind_host_files, made at the first run under the caller's
