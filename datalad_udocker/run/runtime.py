@@ -66,11 +66,12 @@ class Runtime:
         self.execmode = self.cache.execmode
         self.state_dir = self.cache.state_dir
 
-    def _site_volumes(self, entry):
-        """For a site container, the host's /tmp and /var/tmp over the
-        image's (as Apptainer does): no user writes into the shared
+    @staticmethod
+    def _site_volumes(own):
+        """For a site container (not ``own``), the host's /tmp and /var/tmp
+        over the image's (as Apptainer does): no user writes into the shared
         container's world-writable directories."""
-        if self.cache.udocker_for(entry) is self.cache.udocker:
+        if own:
             return []
         return ["--volume=%s:%s" % (d, d) for d in ("/tmp", "/var/tmp")
                 if os.path.isdir(d)]
@@ -117,9 +118,10 @@ class Runtime:
             opts += identity_options(
                 self.execmode, layout.config().get("config") or {},
                 entry.path, self.state_dir, env)
-            opts += self._site_volumes(entry)
-            if self.execmode in SITE_MODES and \
-                    self.cache.udocker_for(entry) is self.cache.udocker:
+            udocker = self.cache.udocker_for(entry)    # ours, or the site's
+            own = udocker is self.cache.udocker
+            opts += self._site_volumes(own)
+            if self.execmode in SITE_MODES and own:
                 make_mount_points(Path(entry.path) / "ROOT", binds)
             if entrypoint:
                 opts.append("--entrypoint=" + entrypoint)
@@ -134,7 +136,6 @@ class Runtime:
                 # into the container directory: only the user may read it
                 os.chmod(entry.path, 0o700)
             tools = find_tools(self.execmode, self.udocker_dir)
-            udocker = self.cache.udocker_for(entry)
             fast = None
             if self.execmode in SITE_MODES and not env:
                 line = expected_command(command, entrypoint, layout.config())
