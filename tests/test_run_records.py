@@ -181,8 +181,9 @@ def test_rerun_by_another_user_with_another_install(nonroot, registry, base):
     assert rerun_record["cmd"] == record["cmd"]
 
 
-def test_datasets_of_0_1_still_run(nonroot, registry, base):
-    """The 0.1 call format ({python} -m datalad_udocker.runtime_cli) runs and reruns."""
+def single_image_dataset(nonroot, registry, base):
+    """``(run, ds)``: a dataset in ``base`` holding test/single:1 as ``single``, and a
+    runner of commands as the user with the udocker dir in ``base``."""
     env = {"DATALAD_UDOCKER_DIR": str(base / "udocker")}
 
     def run(cmd, cwd):
@@ -191,6 +192,12 @@ def test_datasets_of_0_1_still_run(nonroot, registry, base):
     ds = base / "ds"
     run(["datalad", "create", "-c", "text2git", str(ds)], base)
     run(["datalad", "udocker-import", "-n", "single", f"{registry.host}/test/single:1"], ds)
+    return run, ds
+
+
+def test_datasets_of_0_1_still_run(nonroot, registry, base):
+    """The 0.1 call format ({python} -m datalad_udocker.runtime_cli) runs and reruns."""
+    run, ds = single_image_dataset(nonroot, registry, base)
     run(["git", "config", "-f", ".datalad/config", "datalad.containers.single.cmdexec",
          CMDEXEC_0_1], ds)
     run(["datalad", "save", "-m", "as made by 0.1"], ds)
@@ -222,14 +229,7 @@ else:
 def test_run_title_is_the_users_command(nonroot, registry, base):
     """CLI and datalad.api (as in a notebook): the user's command titles the commit, the
     record keeps the call format; an explicit message wins over both."""
-    env = {"DATALAD_UDOCKER_DIR": str(base / "udocker")}
-
-    def run(cmd, cwd):
-        return nonroot.run(cmd, cwd=cwd, env=env)
-
-    ds = base / "ds"
-    run(["datalad", "create", "-c", "text2git", str(ds)], base)
-    run(["datalad", "udocker-import", "-n", "single", f"{registry.host}/test/single:1"], ds)
+    run, ds = single_image_dataset(nonroot, registry, base)
     long_cmd = "sh -c 'echo a long command, longer than forty characters > cli.txt'"
     run(["datalad", "containers-run", "-n", "single", long_cmd], ds)
     record, first_line = last_record(run, ds)
